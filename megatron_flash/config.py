@@ -1,0 +1,102 @@
+"""The model configuration: megatron's TransformerConfig plus the hybrid layers' fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+from megatron_flash import patterns
+
+
+@dataclass
+class NemotronFlashConfig(TransformerConfig):
+    """Everything that defines a Nemotron-Flash model besides vocabulary size.
+
+    Megatron's own fields keep their meaning (``hidden_size``, ``ffn_hidden_size``, ``num_attention_heads``,
+    ``num_query_groups`` = KV heads, ``kv_channels`` = attention head dim, ``layernorm_epsilon``...).
+    """
+
+    layer_pattern: str = "DFMFAF"
+    num_meta_tokens: int = 256
+    sliding_window: Optional[int] = None  # for 'S' layers
+
+    # DeltaNet (fla's DeltaNet defaults): heads = num_attention_heads
+    deltanet_head_dim: int = 128
+    deltanet_conv_kernel: int = 4
+    deltanet_norm_eps: float = 1e-5
+    delta_rule_backend: str = "auto"  # auto | fla | torch
+
+    # Mamba2
+    mamba_state_dim: int = 128
+    mamba_head_dim: int = 64
+    mamba_expand: int = 2
+    mamba_num_groups: int = 1
+    mamba_conv_kernel: int = 4
+    mamba_norm_eps: float = 1e-5
+    mamba_chunk_size: int = 64
+    ssd_backend: str = "auto"  # auto | mamba_ssm | fla | torch | torch_compile
+
+    def __post_init__(self):
+        self.layer_pattern = patterns.parse(self.layer_pattern)
+        if self.num_layers != len(self.layer_pattern):
+            raise ValueError(
+                f"num_layers={self.num_layers} but layer_pattern {self.layer_pattern!r} has "
+                f"{len(self.layer_pattern)} layers")
+        if "S" in self.layer_pattern and not self.sliding_window:
+            raise ValueError("layer_pattern has sliding-window attention (S) but sliding_window is not set")
+        super().__post_init__()
+
+    @property
+    def deltanet_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def mamba_inner_size(self) -> int:
+        return self.mamba_expand * self.hidden_size
+
+    @property
+    def mamba_heads(self) -> int:
+        return self.mamba_inner_size // self.mamba_head_dim
+
+
+def make_config(
+    *,
+    hidden_size: int,
+    ffn_hidden_size: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+    layer_pattern: str,
+    **overrides,
+) -> NemotronFlashConfig:
+    """A config with the architecture's fixed choices (RMSNorm, SwiGLU, no biases, no dropout) filled in."""
+    layer_pattern = patterns.parse(layer_pattern)
+    head_dim = hidden_size // num_attention_heads
+    fields = dict(
+        num_layers=len(layer_pattern),
+        hidden_size=hidden_size,
+        ffn_hidden_size=ffn_hidden_size,
+        num_attention_heads=num_attention_heads,
+        num_query_groups=num_query_groups,
+        kv_channels=head_dim,
+        deltanet_head_dim=head_dim,
+        layer_pattern=layer_pattern,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-6,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+    fields.update(overrides)
+    return NemotronFlashConfig(**fields)

@@ -1,0 +1,65 @@
+"""The residual block every layer shares, and the interface a mixer implements.
+
+A layer is ``x + mixer(norm(x))``. A mixer (DeltaNet, Mamba2, attention, FFN) is a MegatronModule built from a
+ModuleSpec with ``(config, layer_number, submodules=...)`` and called as ``mixer(hidden_states, inputs)``:
+
+* ``hidden_states``: [sequence, batch, hidden], sequence-sharded over TP ranks when ``config.sequence_parallel``;
+* ``inputs``: :class:`MixerInputs`, what some mixers need beyond the hidden states;
+* returns a tensor of the same shape and sharding (the TP reduction of the output projection already done).
+
+Weight normalization (megatron_flash.training.weight_norm) finds the matrices to normalize through the
+``weight_norm`` attribute a mixer sets on them: ``"rows"`` for a matrix that reads the residual stream, ``"cols"``
+for one that writes into it. Setting it where the matrix is created keeps that fact in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+READS_RESIDUAL = "rows"
+WRITES_RESIDUAL = "cols"
+
+
+def mark_weight_norm(param: torch.nn.Parameter, kind: str) -> None:
+    """Declare that ``param`` gets unit-norm rows (``"rows"``) or columns (``"cols"``) after each step."""
+    if kind not in (READS_RESIDUAL, WRITES_RESIDUAL):
+        raise ValueError(f"weight_norm kind must be 'rows' or 'cols', got {kind!r}")
+    param.weight_norm = kind
+
+
+@dataclass
+class MixerInputs:
+    """Per-forward inputs shared by all layers of the stack."""
+
+    # [1, 1, s, s] boolean, True = masked; None means causal (attention builds its own mask from the config)
+    attention_mask: Optional[torch.Tensor] = None
+    # RoPE frequencies for the attention layers, [s, 1, 1, head_dim]
+    rotary_pos_emb: Optional[torch.Tensor] = None
+    # Document boundaries for packed sequences (cu_seqlens over the full sequence, meta tokens included)
+    packed_seq_params: Optional[PackedSeqParams] = None
+
+
+@dataclass
+class HybridLayerSubmodules:
+    norm: Union[ModuleSpec, type]
+    mixer: Union[ModuleSpec, type]
+
+
+class HybridLayer(MegatronModule):
+    """Pre-norm residual block around one mixer."""
+
+    def __init__(self, config, submodules: HybridLayerSubmodules, layer_number: int, pg_collection=None):
+        super().__init__(config=config)
+        self.layer_number = layer_number  # global, 1-based, as in megatron's TransformerLayer
+        self.norm = build_module(submodules.norm, config=config, hidden_size=config.hidden_size,
+                                 eps=config.layernorm_epsilon)
+        self.mixer = build_module(submodules.mixer, config=config, layer_number=layer_number)
+
+    def forward(self, hidden_states: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        return hidden_states + self.mixer(self.norm(hidden_states), inputs)

@@ -1,0 +1,1 @@
+"""Sequence-mixing kernels with selectable backends, each beside its plain PyTorch reference."""

@@ -1,0 +1,100 @@
+"""Depthwise causal short convolution (DeltaNet's q/k/v convs, Mamba2's xBC conv).
+
+``y[t, c] = act(bias[c] + sum_{i<K} weight[c, i] * x[t - K + 1 + i, c])``, with x = 0 before a sequence starts
+(or taken from ``initial_state``). Layout follows fla: x is [B, T, C], weight [C, K], states [N, C, K] holding the
+last K inputs of each sequence. With ``cu_seqlens`` (B must be 1) every document restarts from zero (or from its
+row of ``initial_state``).
+
+Backends: ``fla`` (fla's Triton kernel, CUDA tensors), ``torch`` (F.conv1d, any device). The loop in
+:func:`causal_conv1d_reference` is the definition both are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # fla's Triton kernel: used for CUDA tensors when installed
+    from fla.modules.causal_conv1d import causal_conv1d as _fla_causal_conv1d
+except ImportError:  # pragma: no cover - fla is an optional (gpu) dependency
+    _fla_causal_conv1d = None
+
+
+def _segments(cu_seqlens, batch, length):
+    if cu_seqlens is None:
+        return None
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (packed documents), got batch {batch}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != length or any(b > a for a, b in zip(bounds[1:], bounds)):
+        raise ValueError(f"cu_seqlens {bounds} must rise from 0 to the sequence length {length}")
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _activate(y, activation):
+    if activation in ("silu", "swish"):
+        return F.silu(y)
+    if activation is None:
+        return y
+    raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+
+
+def causal_conv1d_reference(x, weight, bias=None, activation=None, cu_seqlens=None, initial_state=None):
+    """Plain loop over taps and documents: the definition. Returns y only."""
+    batch, length, channels = x.shape
+    k = weight.shape[1]
+    segments = _segments(cu_seqlens, batch, length) or [(0, length)]
+    rows = range(batch) if cu_seqlens is None else [0] * len(segments)
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    y = torch.zeros_like(x, dtype=acc_dtype)
+    for n, (row, (start, end)) in enumerate(zip(rows, segments if cu_seqlens is not None else segments * batch)):
+        history = (initial_state[n].to(acc_dtype).t() if initial_state is not None
+                   else x.new_zeros(k, channels, dtype=acc_dtype))  # [K, C], oldest first
+        seq = torch.cat([history, x[row, start:end].to(acc_dtype)], dim=0)
+        for t in range(end - start):
+            acc = bias.to(acc_dtype).clone() if bias is not None else x.new_zeros(channels, dtype=acc_dtype)
+            for i in range(k):
+                acc = acc + weight[:, i].to(acc_dtype) * seq[t + 1 + i]
+            y[row, start + t] = acc
+    return _activate(y, activation).to(x.dtype)
+
+
+def _torch_conv(x, weight, bias, activation, history, output_final_state):
+    """One sequence batch [B, T, C] with optional history [B, C, K]."""
+    k = weight.shape[1]
+    xt = x.transpose(1, 2)  # [B, C, T]
+    if history is None:
+        padded = F.pad(xt, (k - 1, 0))
+    else:
+        padded = torch.cat([history[..., 1:].to(xt.dtype), xt], dim=-1)
+    y = F.conv1d(padded, weight.unsqueeze(1), bias, groups=weight.shape[0]).transpose(1, 2)
+    final = None
+    if output_final_state:
+        full = torch.cat([history if history is not None else xt.new_zeros(*xt.shape[:2], k), xt], dim=-1)
+        final = full[..., -k:]
+    return _activate(y, activation), final
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, initial_state=None,
+                  output_final_state=False, backend="auto"):
+    """Depthwise causal conv. Returns (y [B, T, C], final_state [N, C, K] or None)."""
+    if backend == "auto":
+        backend = "fla" if (x.is_cuda and _fla_causal_conv1d is not None) else "torch"
+    if backend == "fla":
+        if _fla_causal_conv1d is None:
+            raise RuntimeError("short-conv backend 'fla' needs flash-linear-attention (pip install '.[gpu]')")
+        return _fla_causal_conv1d(x=x, weight=weight, bias=bias, initial_state=initial_state,
+                                  output_final_state=output_final_state, activation=activation,
+                                  cu_seqlens=cu_seqlens, backend="triton")
+    if backend != "torch":
+        raise ValueError(f"unknown short-conv backend {backend!r}: use auto, fla or torch")
+    segments = _segments(cu_seqlens, x.shape[0], x.shape[1])
+    if segments is None:
+        return _torch_conv(x, weight, bias, activation, initial_state, output_final_state)
+    outs, finals = [], []
+    for n, (start, end) in enumerate(segments):
+        hist = initial_state[n:n + 1] if initial_state is not None else None
+        y, final = _torch_conv(x[:, start:end], weight, bias, activation, hist, output_final_state)
+        outs.append(y)
+        finals.append(final)
+    return torch.cat(outs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)

@@ -1,0 +1,119 @@
+"""Run a function in N local processes that form one torch.distributed job (gloo on CPU, NCCL on GPUs).
+
+Used by the tests to check TP/PP/DP equivalence and by benchmarks; nothing leaves the loopback interface.
+
+    def body(tp):                      # module-level, so spawned processes can import it
+        ...                            # runtime.initialize() has already run: groups and seeds are set
+        return {"loss": loss.item()}   # anything torch.save can write
+
+    results = run_distributed(body, world_size=2, tensor_model_parallel_size=2, args=(2,))
+    results[rank]  # -> what rank returned
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+
+import zlib
+
+import torch
+import torch.multiprocessing as mp
+
+from megatron_flash import runtime
+
+
+def _entry(local_rank, fn, args, world_size, port, tp, pp, seed, outdir, extra_env):
+    os.environ.update(extra_env)
+    os.environ.update(
+        RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    path = os.path.join(outdir, f"rank{local_rank}.pt")
+    try:
+        runtime.initialize(tp, pp, seed=seed, timeout_minutes=5)
+        result = fn(*args)
+        runtime.shutdown()
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException:  # noqa: BLE001 - reported to the parent verbatim
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+        raise
+
+
+def run_distributed(
+    fn,
+    world_size: int,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    args: tuple = (),
+    seed: int = 1234,
+    timeout: float = 300.0,
+    env: dict | None = None,
+) -> list:
+    """Run ``fn(*args)`` on ``world_size`` spawned ranks after :func:`runtime.initialize`; return each rank's result.
+
+    Raises RuntimeError with the failing rank's traceback, or on timeout (the processes are killed).
+    """
+    extra_env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    with tempfile.TemporaryDirectory(prefix="mf_dist_") as outdir:
+        ctx = mp.start_processes(
+            _entry,
+            args=(fn, args, world_size, runtime.free_port(), tensor_model_parallel_size,
+                  pipeline_model_parallel_size, seed, outdir, extra_env),
+            nprocs=world_size, join=False, start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"distributed run of {fn.__name__} timed out after {timeout:.0f} s")
+        except mp.ProcessRaisedException as exc:
+            raise RuntimeError(_first_error(outdir, world_size) or str(exc)) from None
+        except mp.ProcessExitedException as exc:
+            raise RuntimeError(_first_error(outdir, world_size) or str(exc)) from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        results = []
+        for rank in range(world_size):
+            out = torch.load(os.path.join(outdir, f"rank{rank}.pt"), weights_only=False)
+            results.append(out["result"])
+        return results
+
+
+def _first_error(outdir, world_size):
+    for rank in range(world_size):
+        path = os.path.join(outdir, f"rank{rank}.pt")
+        if os.path.exists(path):
+            out = torch.load(path, weights_only=False)
+            if not out["ok"]:
+                return f"rank {rank} failed:\n{out['error']}"
+    return None
+
+
+@torch.no_grad()
+def init_layout_invariant(model, global_name=lambda name: name, seed: int = 0, std: float = 0.02) -> None:
+    """Re-initialize every parameter from its global name, the same way under any TP/PP layout.
+
+    megatron initializes layers in construction order, so a pipeline stage or a TP rank draws different numbers
+    than one process would. Tests that compare layouts need identical models: each full logical tensor is drawn
+    from a generator seeded by its global name, then this rank's TP shard is taken.
+    """
+    from megatron.core import parallel_state as ps
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    for name, param in model.named_parameters():
+        full_shape = list(param.shape)
+        sharded = getattr(param, "tensor_model_parallel", False) and tp > 1
+        if sharded:
+            full_shape[param.partition_dim] *= tp
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name(name).encode()))
+        full = torch.randn(full_shape, generator=gen, dtype=torch.float32)
+        full = full * std if param.dim() >= 2 else 1.0 + 0.1 * full
+        if sharded:
+            full = full.chunk(tp, dim=param.partition_dim)[tp_rank]
+        param.copy_(full)
