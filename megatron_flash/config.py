@@ -20,6 +20,8 @@ class NemotronFlashConfig(TransformerConfig):
     """
 
     layer_pattern: str = "DFMFAF"
+    # layers per pipeline stage; set from '|' in layer_pattern, else an even split
+    pipeline_stage_layers: Optional[list] = None
     num_meta_tokens: int = 256
     sliding_window: Optional[int] = None  # for 'S' layers
 
@@ -40,6 +42,7 @@ class NemotronFlashConfig(TransformerConfig):
     ssd_backend: str = "auto"  # auto | mamba_ssm | fla | torch | torch_compile
 
     def __post_init__(self):
+        self.pipeline_stage_layers = patterns.explicit_stage_sizes(self.layer_pattern) or self.pipeline_stage_layers
         self.layer_pattern = patterns.parse(self.layer_pattern)
         if self.num_layers != len(self.layer_pattern):
             raise ValueError(
@@ -72,10 +75,9 @@ def make_config(
     **overrides,
 ) -> NemotronFlashConfig:
     """A config with the architecture's fixed choices (RMSNorm, SwiGLU, no biases, no dropout) filled in."""
-    layer_pattern = patterns.parse(layer_pattern)
     head_dim = hidden_size // num_attention_heads
     fields = dict(
-        num_layers=len(layer_pattern),
+        num_layers=len(patterns.parse(layer_pattern)),
         hidden_size=hidden_size,
         ffn_hidden_size=ffn_hidden_size,
         num_attention_heads=num_attention_heads,

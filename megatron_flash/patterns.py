@@ -45,26 +45,33 @@ def parse(pattern: str) -> str:
     return "".join(out)
 
 
-def stage_boundaries(pattern: str, pipeline_stages: int) -> list[tuple[int, int]]:
+def explicit_stage_sizes(pattern: str) -> list[int] | None:
+    """Layer counts of the '|'-separated stages of a pattern, or None when it has no '|'."""
+    return [len(parse(part)) for part in pattern.split("|")] if "|" in pattern else None
+
+
+def stage_boundaries(num_layers: int, pipeline_stages: int, stage_sizes=None) -> list[tuple[int, int]]:
     """Half-open [start, end) layer ranges of each pipeline stage.
 
-    With ``|`` in the pattern, those are the boundaries (and their count must equal ``pipeline_stages``); otherwise
-    layers are split as evenly as possible, earlier stages taking the remainder.
+    ``stage_sizes`` (from '|' in the pattern) fixes them; otherwise layers are split as evenly as possible,
+    earlier stages taking the remainder.
     """
-    if "|" in pattern:
-        parts = [parse(p) for p in pattern.split("|")]
-        if len(parts) != pipeline_stages:
+    if stage_sizes:
+        if len(stage_sizes) != pipeline_stages:
             raise PatternError(
-                f"pattern {pattern!r} has {len(parts)} '|'-separated stages but pipeline size is {pipeline_stages}")
-        sizes = [len(p) for p in parts]
+                f"the pattern has {len(stage_sizes)} '|'-separated stages but pipeline size is {pipeline_stages}")
+        if sum(stage_sizes) != num_layers:
+            raise PatternError(f"stage sizes {stage_sizes} do not add up to {num_layers} layers")
+        sizes = list(stage_sizes)
     else:
-        n = len(parse(pattern))
-        if n < pipeline_stages:
-            raise PatternError(f"pattern {pattern!r} has {n} layers, fewer than {pipeline_stages} pipeline stages")
-        base, extra = divmod(n, pipeline_stages)
+        if num_layers < pipeline_stages:
+            raise PatternError(f"{num_layers} layers cannot fill {pipeline_stages} pipeline stages")
+        base, extra = divmod(num_layers, pipeline_stages)
         sizes = [base + (1 if i < extra else 0) for i in range(pipeline_stages)]
     bounds, start = [], 0
     for size in sizes:
+        if size == 0:
+            raise PatternError(f"stage sizes {sizes}: every pipeline stage needs at least one layer")
         bounds.append((start, start + size))
         start += size
     return bounds

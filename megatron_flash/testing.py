@@ -105,15 +105,14 @@ def init_layout_invariant(model, global_name=lambda name: name, seed: int = 0, s
     """
     from megatron.core import parallel_state as ps
 
+    from megatron_flash.models.layout import is_tp_sharded, shard_of
+
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     for name, param in model.named_parameters():
         full_shape = list(param.shape)
-        sharded = getattr(param, "tensor_model_parallel", False) and tp > 1
-        if sharded:
+        if is_tp_sharded(param):
             full_shape[param.partition_dim] *= tp
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name(name).encode()))
         full = torch.randn(full_shape, generator=gen, dtype=torch.float32)
         full = full * std if param.dim() >= 2 else 1.0 + 0.1 * full
-        if sharded:
-            full = full.chunk(tp, dim=param.partition_dim)[tp_rank]
-        param.copy_(full)
+        param.copy_(shard_of(full, param, tp, tp_rank))

@@ -1,0 +1,50 @@
+"""Build a config and model from a preset name, a pattern and overrides: what the trainer, tools and tests use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_flash import presets
+from megatron_flash.config import NemotronFlashConfig, make_config
+from megatron_flash.models.model import NemotronFlashModel
+
+# Preset keys that describe the language model around the stack rather than megatron's TransformerConfig.
+_MODEL_KEYS = ("vocab_size", "tie_embeddings")
+
+
+@dataclass
+class ModelSpec:
+    """A resolved model description: the stack's config and the language-model fields."""
+
+    config: NemotronFlashConfig
+    vocab_size: int
+    tie_embeddings: bool
+
+
+def resolve(preset: str = "tiny", pattern: str | None = None, **overrides) -> ModelSpec:
+    """Preset fields, then ``pattern``, then ``overrides`` (megatron TransformerConfig or our config fields).
+
+    Parallel sizes are taken from parallel_state when it is initialized, unless given.
+    """
+    fields = presets.get_preset(preset)
+    if pattern is not None:
+        fields["layer_pattern"] = pattern
+    fields.update(overrides)
+    model_fields = {k: fields.pop(k) for k in _MODEL_KEYS}
+    if parallel_state.model_parallel_is_initialized():
+        fields.setdefault("tensor_model_parallel_size", parallel_state.get_tensor_model_parallel_world_size())
+        fields.setdefault("pipeline_model_parallel_size", parallel_state.get_pipeline_model_parallel_world_size())
+    if fields.get("pipeline_model_parallel_size", 1) > 1:
+        fields.setdefault("pipeline_dtype", fields.get("params_dtype", torch.float32))
+    return ModelSpec(make_config(**fields), **model_fields)
+
+
+def build_model(spec: ModelSpec, max_sequence_length: int, use_te: bool = False) -> NemotronFlashModel:
+    """This rank's part of the model (pipeline stage from parallel_state)."""
+    return NemotronFlashModel(
+        spec.config, spec.vocab_size, max_sequence_length,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=spec.tie_embeddings, use_te=use_te)

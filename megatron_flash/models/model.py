@@ -1,0 +1,114 @@
+"""NemotronFlashModel: embedding + meta tokens, the hybrid stack, and a row-normalized output layer."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_flash.layers.base import MixerInputs
+from megatron_flash.models.stack import HybridStack
+
+# Megatron-LM pads the vocabulary so that every TP rank gets an equal, aligned slice.
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1) -> int:
+    """Smallest multiple of 128 * TP that holds the vocabulary (the padding rows are stripped on export)."""
+    multiple = VOCAB_PAD_MULTIPLE * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+class NemotronFlashModel(LanguageModule):
+    """Nemotron-Flash language model on megatron-core.
+
+    * ``config.num_meta_tokens`` learnable meta tokens are prepended to every sequence inside the model; they take
+      the first positions (RoPE counts them), are dropped before the output layer and carry no loss.
+    * logits = h @ (W / ||W||_row)^T: each vocabulary row of the output weight is L2-normalized, as in the
+      released model.
+    * Tied input/output embeddings by default (megatron keeps the copy on the last pipeline stage in sync).
+
+    ``forward`` takes [batch, seq] token ids (on every pipeline stage: they set the sequence length) and returns per-token losses [batch, seq] when ``labels`` are given,
+    else logits [batch, seq, vocab / TP] (this rank's vocabulary slice).
+    """
+
+    def __init__(self, config, vocab_size: int, max_sequence_length: int, pre_process: bool = True,
+                 post_process: bool = True, share_embeddings_and_output_weights: bool = True,
+                 use_te: bool = False, rotary_base: float = 10000.0):
+        super().__init__(config=config)
+        self.vocab_size = vocab_size
+        self.padded_vocab_size = padded_vocab_size(vocab_size, config.tensor_model_parallel_size)
+        self.max_sequence_length = max_sequence_length
+        self.pre_process, self.post_process = pre_process, post_process
+        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
+        self.num_meta_tokens = config.num_meta_tokens
+
+        if pre_process:
+            # Meta tokens are concatenated before the sequence-parallel scatter, so the embedding must not scatter.
+            self.embedding = LanguageModelEmbedding(config, self.padded_vocab_size, max_sequence_length,
+                                                    position_embedding_type="none",
+                                                    scatter_to_sequence_parallel=False)
+            self.meta_tokens = torch.nn.Parameter(torch.empty(self.num_meta_tokens, config.hidden_size,
+                                                              dtype=config.params_dtype))
+            with tensor_parallel.get_cuda_rng_tracker().fork(tensor_parallel.random._DATA_PARALLEL_RNG_TRACKER_NAME):
+                config.init_method(self.meta_tokens)
+        self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_percent=1.0, rotary_base=rotary_base,
+                                              use_cpu_initialization=config.use_cpu_initialization)
+        self.decoder = HybridStack(config, parallel_state.get_pipeline_model_parallel_rank(),
+                                   parallel_state.get_pipeline_model_parallel_world_size(), post_process, use_te)
+        if post_process:
+            # The output layer sees the full (gathered) sequence with meta positions dropped: no sequence parallel.
+            out_config = dataclasses.replace(config, sequence_parallel=False)
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, self.padded_vocab_size, config=out_config, init_method=config.init_method,
+                bias=False, skip_bias_add=False, gather_output=False,
+                skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights)
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        tokens = self.embedding(input_ids, position_ids=None)  # [s, b, h]
+        meta = self.meta_tokens.to(tokens.dtype).unsqueeze(1).expand(-1, tokens.shape[1], -1)
+        hidden = torch.cat([meta, tokens], dim=0)
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+        return hidden
+
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight with unit-L2 vocabulary rows (what the logits use)."""
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights \
+            else self.output_layer.weight
+        return F.normalize(weight, dim=1)
+
+    def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None,
+                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed documents are not supported by NemotronFlashModel yet")
+        total_len = self.num_meta_tokens + input_ids.shape[1]
+        inputs = MixerInputs(attention_mask=attention_mask, rotary_pos_emb=self.rotary_pos_emb(total_len))
+        hidden = self._embed(input_ids) if self.pre_process else None
+        hidden = self.decoder(hidden, inputs)
+        if not self.post_process:
+            return hidden
+        if self.config.sequence_parallel:
+            # Every rank then holds the same full sequence; the backward takes each rank's slice of the
+            # (identical) gradient instead of summing it, since the output layer already all-reduces.
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        hidden = hidden[self.num_meta_tokens:]
+        logits, _ = self.output_layer(hidden, weight=self.output_weight())
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)

@@ -1,0 +1,43 @@
+"""The hybrid stack: this pipeline stage's layers of the pattern, plus the final norm on the last stage."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+
+from megatron_flash import patterns
+from megatron_flash.layers.base import MixerInputs
+from megatron_flash.models import specs
+
+
+class HybridStack(MegatronModule):
+    """Layers ``[start, end)`` of ``config.layer_pattern`` for pipeline stage ``pp_rank`` of ``pp_size``.
+
+    Layer numbers are global and 1-based (megatron's convention), so parameter names carry the layer's position in
+    the whole model only through ``layer_number``; checkpoints use it to place layers across PP layouts.
+    """
+
+    def __init__(self, config, pp_rank: int, pp_size: int, post_process: bool, use_te: bool = False):
+        super().__init__(config=config)
+        start, end = patterns.stage_boundaries(config.num_layers, pp_size, config.pipeline_stage_layers)[pp_rank]
+        self.layer_offset = start
+        self.layers = torch.nn.ModuleList(
+            build_module(specs.layer_spec(config.layer_pattern[i], use_te), config=config, layer_number=i + 1)
+            for i in range(start, end))
+        self.final_norm = (build_module(specs.final_norm_spec(use_te), config=config, hidden_size=config.hidden_size,
+                                        eps=config.layernorm_epsilon) if post_process else None)
+        self.input_tensor = None
+
+    def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
+        """Pipeline stages after the first receive their input here (megatron's schedules call this)."""
+        self.input_tensor = input_tensor
+
+    def forward(self, hidden_states, inputs: MixerInputs) -> torch.Tensor:
+        if self.input_tensor is not None:
+            hidden_states = self.input_tensor
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, inputs)
+        if self.final_norm is not None:
+            hidden_states = self.final_norm(hidden_states)
+        return hidden_states

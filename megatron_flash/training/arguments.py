@@ -1,0 +1,176 @@
+"""Command-line flags in Megatron-LM's names, YAML config files, and the checks run before any work starts.
+
+``python -m megatron_flash.pretrain --config run.yaml --lr 3e-4`` reads run.yaml (keys are flag names, with dashes or
+underscores) and lets the command line override it. Unknown keys and flags, and contradictory settings, stop the
+run with a message naming the flag (and the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import yaml
+
+from megatron_flash import patterns, presets
+
+
+class ArgumentError(ValueError):
+    """A bad or contradictory setting; raised before any distributed work starts."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megatron_flash.pretrain", allow_abbrev=False,
+                                description="Pretrain a Nemotron-Flash hybrid model with megatron-core.")
+    p.add_argument("--config", help="YAML file of flag values; flags on the command line override it")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="tiny", choices=sorted(presets.PRESETS))
+    g.add_argument("--pattern", help="layer pattern overriding the preset's, e.g. 'DFMFAF' (see docs/cli.md)")
+    g.add_argument("--num-meta-tokens", type=int, help="override the preset's meta-token count")
+    g.add_argument("--sliding-window", type=int, help="window of 'S' (sliding-window attention) layers")
+    g.add_argument("--untie-embeddings", action="store_true", help="separate input embedding and output weights")
+    g.add_argument("--ssd-backend", default="auto", help="Mamba2 scan: auto, mamba_ssm, torch, torch_compile")
+    g.add_argument("--delta-rule-backend", default="auto", help="DeltaNet: auto, fla, torch")
+    g.add_argument("--recompute-activations", action="store_true", help="recompute each layer in backward")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+
+    g = p.add_argument_group("batch and length")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro-batch x data-parallel size")
+    g.add_argument("--seq-length", type=int, default=256)
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--train-tokens", type=int, help="alternative to --train-iters: tokens to train on")
+
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "wsd", "constant", "linear"])
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, help="default: the training length")
+    g.add_argument("--lr-wsd-decay-iters", type=int, help="WSD: length of the final decay (default 10%% of decay)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--no-weight-norm", dest="weight_norm", action="store_false",
+                   help="turn off the per-step weight normalization")
+    g.add_argument("--weight-norm-embeddings", action="store_true",
+                   help="also give the (tied) embedding / output matrix unit rows")
+    g.add_argument("--max-consecutive-skipped", type=int, default=10,
+                   help="stop after this many consecutive steps with inf/NaN loss")
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on resume, take the LR schedule from the flags instead of the checkpoint")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", help="Megatron blend: [weight] prefix [weight] prefix ...")
+    g.add_argument("--split", default="98,2,0")
+    g.add_argument("--per-split-data-args-path", help="JSON {train: [...], valid: [...], test: [...]}")
+    g.add_argument("--mock-data", action="store_true", help="random tokens (no files)")
+    g.add_argument("--tokenizer-type", default="HuggingFaceTokenizer")
+    g.add_argument("--tokenizer-model", help="tokenizer folder / tokenizer.json / SentencePiece .model")
+    g.add_argument("--vocab-size", type=int, help="vocabulary for --mock-data (default: the preset's)")
+    g.add_argument("--data-cache-path", help="folder for megatron's dataset index cache")
+    g.add_argument("--reset-data-position", action="store_true",
+                   help="on resume, start the data from the beginning (e.g. a new phase's blend)")
+
+    g = p.add_argument_group("checkpoints, evaluation and logging")
+    g.add_argument("--save", help="checkpoint folder")
+    g.add_argument("--load", help="resume from the latest checkpoint here (may equal --save)")
+    g.add_argument("--save-interval", type=int, default=1000)
+    g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept in --save (0: all)")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--exit-interval", type=int, help="save and exit after this iteration (testing resume)")
+    return p
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ArgumentError(f"--config {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ArgumentError(f"--config {path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ArgumentError(f"--config {path}: expected a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    out = {}
+    for key, value in data.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in known or dest == "config":
+            raise ArgumentError(f"--config {path}: unknown key {key!r} (not a flag of this trainer)")
+        out[dest] = value
+    return out
+
+
+def parse_args(argv=None, world_size: int = 1) -> argparse.Namespace:
+    """Parse flags (and --config), fill derived values, and check them; ArgumentError on any problem."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_config_defaults(parser, pre.config))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        if exc.code == 0:  # --help
+            raise
+        raise ArgumentError("invalid command line (see the message above)") from None
+    validate(args, world_size)
+    return args
+
+
+def validate(args: argparse.Namespace, world_size: int) -> None:
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1 or world_size % (tp * pp):
+        raise ArgumentError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                            f"--pipeline-model-parallel-size {pp}")
+    dp = world_size // (tp * pp)
+    args.data_parallel_size = dp
+    if args.sequence_parallel and tp == 1:
+        raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.pattern is not None:
+        try:
+            patterns.parse(args.pattern)
+        except patterns.PatternError as exc:
+            raise ArgumentError(f"--pattern: {exc}") from None
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ArgumentError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+                            f"{args.micro_batch_size} x data-parallel size {dp}")
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    if (args.train_iters is None) == (args.train_tokens is None):
+        raise ArgumentError("give exactly one of --train-iters and --train-tokens")
+    if args.train_tokens is not None:
+        args.train_iters = -(-args.train_tokens // (args.global_batch_size * args.seq_length))
+    if args.train_iters < 1:
+        raise ArgumentError(f"--train-iters must be positive, got {args.train_iters}")
+    data_sources = [bool(args.data_path), bool(args.per_split_data_args_path), args.mock_data]
+    if sum(data_sources) != 1:
+        raise ArgumentError("give exactly one of --data-path, --per-split-data-args-path and --mock-data")
+    if not args.mock_data and not args.tokenizer_model:
+        raise ArgumentError("--data-path needs --tokenizer-model (the tokenizer the data was made with)")
+    for flag in ("micro_batch_size", "seq_length", "log_interval", "eval_interval", "save_interval"):
+        if getattr(args, flag) < 1:
+            raise ArgumentError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.min_lr > args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    if args.lr_warmup_iters > args.train_iters:
+        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds the {args.train_iters} iterations")
+    if args.save_interval and args.save is None and args.exit_interval:
+        raise ArgumentError("--exit-interval saves before exiting: give --save")
+    if args.load and not os.path.isdir(args.load) and args.load != args.save:
+        raise ArgumentError(f"--load {args.load}: no such folder")
