@@ -1,8 +1,9 @@
 """Finding input files and reading their records (JSONL lines or Parquet rows) with file/line positions.
 
-Supported inputs: ``.jsonl`` (also ``.json``, one object a line), ``.jsonl.gz``, ``.jsonl.zst`` and ``.parquet``.
-``--input`` may be a file, a folder (searched recursively) or a glob; files are processed in sorted path order so
-that outputs do not depend on the file system's listing order.
+Supported inputs: ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst`` and ``.parquet``; ``.json``/``.json.gz``/``.json.zst``
+(one object a line, Megatron-LM's habit) when named explicitly or by a glob. ``--input`` may be a file, a folder
+(searched recursively; ``.json`` files there are left alone, since folders often hold ``manifest.json``-like
+metadata) or a glob; files are processed in sorted path order so outputs do not depend on the listing order.
 
 Records are yielded raw: a JSONL line as ``bytes`` (decoding and JSON parsing happen in the worker processes, where
 bad lines are classified), a Parquet row as a ``dict`` of the requested columns. Line/row numbers are 1-based.
@@ -14,12 +15,12 @@ import glob
 import gzip
 import io
 import os
-from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
+FOLDER_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst") + PARQUET_SUFFIXES  # what a folder scan picks up
 
 RawRecord = Union[bytes, dict]
 
@@ -50,11 +51,11 @@ def find_input_files(specs: Union[str, Sequence[str]]) -> List[str]:
                 os.path.join(root, name)
                 for root, _, names in os.walk(spec, followlinks=True)
                 for name in names
-                if is_supported(name)
+                if name.lower().endswith(FOLDER_SUFFIXES)
             ]
             if not matches:
-                raise InputError(f"input folder {spec!r} has no {'/'.join(SUPPORTED_SUFFIXES)} files")
-        elif os.path.isfile(spec):
+                raise InputError(f"input folder {spec!r} has no {'/'.join(FOLDER_SUFFIXES)} files")
+        elif os.path.exists(spec):  # a regular file, or a named pipe streaming one
             if not is_supported(spec):
                 raise InputError(f"input file {spec!r} is not one of {', '.join(SUPPORTED_SUFFIXES)}")
             matches = [spec]
@@ -81,12 +82,10 @@ def _open_jsonl(path: str) -> io.BufferedIOBase:
     return open(path, "rb", buffering=1 << 20)
 
 
-def iter_jsonl_lines(path: str, start_line: int = 1) -> Iterator[Tuple[int, bytes]]:
+def iter_jsonl_lines(path: str) -> Iterator[Tuple[int, bytes]]:
     """(line number, raw line bytes without the newline) for each line of a (compressed) JSONL file."""
     with _open_jsonl(path) as fh:
         for number, line in enumerate(fh, start=1):
-            if number < start_line:
-                continue
             yield number, line.rstrip(b"\r\n")
 
 
@@ -109,13 +108,6 @@ def iter_parquet_rows(path: str, columns: Sequence[str], batch_rows: int = 8192)
             yield number, row
 
 
-@dataclass(frozen=True)
-class Record:
-    path: str
-    line: int
-    raw: RawRecord
-
-
 def iter_records(path: str, keys: Sequence[str]) -> Iterator[Tuple[int, RawRecord]]:
     """(line or row number, raw record) for any supported file."""
     if is_parquet(path):
@@ -127,7 +119,7 @@ def input_size_bytes(paths: Sequence[str]) -> Optional[int]:
     """Total uncompressed size when every input is plain JSONL (progress bar total), else None."""
     total = 0
     for path in paths:
-        if not path.lower().endswith((".jsonl", ".json")):
+        if not path.lower().endswith((".jsonl", ".json")) or not os.path.isfile(path):
             return None
         total += os.path.getsize(path)
     return total
