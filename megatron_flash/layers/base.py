@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
 READS_RESIDUAL = "rows"
 WRITES_RESIDUAL = "cols"
@@ -63,3 +65,16 @@ class HybridLayer(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
         return hidden_states + self.mixer(self.norm(hidden_states), inputs)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """megatron's default, except that plain parameters the mixers shard over TP themselves (convolutions, SSM
+        scalars) are saved as TP-sharded by their ``partition_dim``: megatron would save them as replicated."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for name, param in self.named_parameters():
+            key = prefix + name
+            entry = sharded.get(key)
+            if (getattr(param, "tensor_model_parallel", False) and isinstance(entry, ShardedTensor)
+                    and all(f == 1 for f in entry.axis_fragmentations)):
+                sharded[key] = make_tp_sharded_tensor_for_checkpoint(
+                    param, key, tp_axis=param.partition_dim, prepend_offsets=sharded_offsets)
+        return sharded

@@ -46,3 +46,43 @@ def gather_full(tensor: torch.Tensor, param, group) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(size)]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return full_from_shards(parts, param)
+
+
+def global_names(model) -> dict:
+    """Parameter name -> name in the whole model (pipeline stages number their layers locally).
+
+    ``decoder.layers.{i}.`` becomes the layer's global index; on a last stage that holds a copy of tied
+    embeddings, ``output_layer.weight`` becomes ``embedding.word_embeddings.weight``.
+    """
+    inner = getattr(model, "module", model)
+    local_to_global = {f"decoder.layers.{i}.": f"decoder.layers.{layer.layer_number - 1}."
+                       for i, layer in enumerate(inner.decoder.layers)}
+    names = {}
+    for name, _ in inner.named_parameters():
+        glob = name
+        for local, g in local_to_global.items():
+            if name.startswith(local):
+                glob = g + name[len(local):]
+                break
+        if glob == "output_layer.weight" and inner.share_embeddings_and_output_weights:
+            glob = "embedding.word_embeddings.weight"
+        names[name] = glob
+    return names
+
+
+def full_named_tensors(model, use_grads: bool = False) -> dict:
+    """This pipeline stage's parameters (or their gradients) as full TP-gathered tensors under global names."""
+    from megatron.core import parallel_state
+
+    inner = getattr(model, "module", model)
+    names = global_names(inner)
+    group = parallel_state.get_tensor_model_parallel_group()
+    out = {}
+    for name, param in inner.named_parameters():
+        tensor = (getattr(param, "main_grad", None) if use_grads else None)
+        if use_grads and tensor is None:
+            tensor = param.grad
+        if not use_grads:
+            tensor = param.data
+        out[names[name]] = gather_full(tensor.detach().float().clone(), param, group)
+    return out

@@ -11,6 +11,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_flash.layers.base import MixerInputs
@@ -43,6 +44,7 @@ class NemotronFlashModel(LanguageModule):
                  post_process: bool = True, share_embeddings_and_output_weights: bool = True,
                  use_te: bool = False, rotary_base: float = 10000.0):
         super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.vocab_size = vocab_size
         self.padded_vocab_size = padded_vocab_size(vocab_size, config.tensor_model_parallel_size)
         self.max_sequence_length = max_sequence_length

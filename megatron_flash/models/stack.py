@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.utils import sharded_state_dict_default
 
 from megatron_flash import patterns
 from megatron_flash.layers.base import MixerInputs
@@ -33,11 +37,26 @@ class HybridStack(MegatronModule):
         """Pipeline stages after the first receive their input here (megatron's schedules call this)."""
         self.input_tensor = input_tensor
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Layers under their global index, so a checkpoint loads under any pipeline split."""
+        sharded = {}
+        for layer in self.layers:
+            sharded.update(layer.sharded_state_dict(f"{prefix}layers.{layer.layer_number - 1}.", sharded_offsets,
+                                                    metadata))
+        if self.final_norm is not None:
+            sharded.update(sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", sharded_offsets,
+                                                      metadata))
+        return sharded
+
     def forward(self, hidden_states, inputs: MixerInputs) -> torch.Tensor:
         if self.input_tensor is not None:
             hidden_states = self.input_tensor
+        recompute = self.config.recompute_granularity == "full" and self.training
         for layer in self.layers:
-            hidden_states = layer(hidden_states, inputs)
+            if recompute:  # keep only each layer's input; rerun the layer in backward
+                hidden_states = tensor_parallel.checkpoint(partial(layer, inputs=inputs), False, hidden_states)
+            else:
+                hidden_states = layer(hidden_states, inputs)
         if self.final_norm is not None:
             hidden_states = self.final_norm(hidden_states)
         return hidden_states

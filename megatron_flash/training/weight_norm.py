@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-from megatron.core.optimizer.optimizer import ChainedOptimizer, Float16OptimizerWithFloat16Params, FP32Optimizer
+
+from megatron_flash.training.optimizer_params import leaf_optimizers, main_params
 
 EPS = 1e-12
 
@@ -49,30 +50,6 @@ class _Entry:
 
     def count(self) -> int:
         return self.shape[0] if self.kind == "rows" else self.shape[1]
-
-
-def leaf_optimizers(optimizer):
-    return list(optimizer.chained_optimizers) if isinstance(optimizer, ChainedOptimizer) else [optimizer]
-
-
-def _main_params(opt):
-    """(model param, main param, flat start or None) for every param a leaf megatron optimizer updates."""
-    if isinstance(opt, DistributedOptimizer):
-        pairs = []
-        for model_groups, shard_groups in ((opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
-                                           (opt.model_fp32_groups, opt.shard_fp32_groups)):
-            for model_group, shard_group in zip(model_groups, shard_groups):
-                for mp, sp in zip(model_group, shard_group):
-                    pairs.append((mp, sp, opt._get_model_param_range_map(mp)["param"].start))
-        return pairs
-    if isinstance(opt, Float16OptimizerWithFloat16Params):
-        pairs = [(mp, sp, None) for mg, sg in zip(opt.float16_groups, opt.fp32_from_float16_groups)
-                 for mp, sp in zip(mg, sg)]
-        pairs += [(p, p, None) for g in opt.fp32_from_fp32_groups for p in g]
-        return pairs
-    if isinstance(opt, FP32Optimizer):
-        return [(p, p, None) for g in opt.optimizer.param_groups for p in g["params"]]
-    raise TypeError(f"weight normalization does not know optimizer type {type(opt).__name__}")
 
 
 # --- sums of squares and rescaling over a flat piece of a matrix -------------------------------------------------
@@ -136,7 +113,7 @@ class WeightNormalizer:
         self._groups = []  # (inner torch optimizer, [entries], dp group or None)
         for opt in leaf_optimizers(optimizer):
             entries = []
-            for mp, sp, start in _main_params(opt):
+            for mp, sp, start in main_params(opt):
                 kind = self.kind_of(mp)
                 if kind is not None:
                     entries.append(_Entry(mp, sp, kind, start))

@@ -1,0 +1,222 @@
+"""Pretrain a Nemotron-Flash model: ``torchrun --nproc-per-node N -m megatron_flash.pretrain [flags]``.
+
+One process per GPU (NCCL) or, without GPUs, per CPU rank (gloo). Flags follow Megatron-LM; see docs/cli.md.
+The loop is :func:`train`: build, resume, then step / log / evaluate / save until done or signalled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_flash import flops, runtime
+from megatron_flash.models import builder, specs
+from megatron_flash.training import arguments, checkpointing
+from megatron_flash.training.loop_utils import (ExitSignal, ProgressLog, broadcast_from_last_rank,
+                                                is_logging_rank, microbatches, peak_flops_per_second)
+from megatron_flash.training.weight_norm import WeightNormalizer, normalize_model_params
+
+
+def log(msg: str) -> None:
+    if is_logging_rank():
+        print(msg, flush=True)
+
+
+def build_model_and_optimizer(args, vocab_size: int):
+    spec = builder.resolve(
+        args.preset, args.pattern,
+        **{k: v for k, v in dict(
+            num_meta_tokens=args.num_meta_tokens, sliding_window=args.sliding_window).items() if v is not None},
+        vocab_size=vocab_size, tie_embeddings=not args.untie_embeddings,
+        sequence_parallel=args.sequence_parallel, ssd_backend=args.ssd_backend,
+        delta_rule_backend=args.delta_rule_backend, bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        recompute_granularity="full" if args.recompute_activations else None,
+        recompute_method="uniform" if args.recompute_activations else None,
+        recompute_num_layers=1 if args.recompute_activations else None,
+    )
+    model = builder.build_model(spec, args.seq_length, use_te=specs.te_available())
+    if args.weight_norm:
+        normalize_model_params([model], args.weight_norm_embeddings)
+    ddp = DistributedDataParallel(spec.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer), model)
+    spec.config.finalize_model_grads_func = finalize_model_grads
+    if args.overlap_grad_reduce:
+        spec.config.no_sync_func = ddp.no_sync
+        spec.config.grad_sync_func = ddp.start_grad_sync
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=spec.config.params_dtype,
+        use_distributed_optimizer=args.use_distributed_optimizer), [ddp])
+    normalizer = WeightNormalizer(optimizer, args.weight_norm_embeddings) if args.weight_norm else None
+    decay_iters = args.lr_decay_iters or args.train_iters
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * args.global_batch_size,
+        lr_decay_steps=decay_iters * args.global_batch_size, lr_decay_style=args.lr_decay_style.upper()
+        if args.lr_decay_style == "wsd" else args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=decay_iters * args.global_batch_size,
+        wd_incr_style="constant", override_opt_param_scheduler=args.override_opt_param_scheduler,
+        wsd_decay_steps=(args.lr_wsd_decay_iters or max(1, decay_iters // 10)) * args.global_batch_size
+        if args.lr_decay_style == "wsd" else None,
+        lr_wsd_decay_style="cosine" if args.lr_decay_style == "wsd" else None)
+    return spec, model, ddp, optimizer, scheduler, normalizer
+
+
+def build_data(args, seed: int):
+    from megatron_flash.data.datasets import build_pretraining_datasets
+    from megatron_flash.data.tokenizer import build_tokenizer
+
+    if args.mock_data:
+        vocab = args.vocab_size or builder.resolve(args.preset).vocab_size
+        tokenizer = build_tokenizer("NullTokenizer", vocab_size=vocab)
+    else:
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    eval_samples = (args.train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size
+    train, valid, _ = build_pretraining_datasets(
+        None if args.mock_data else args.data_path, args.split, args.seq_length, tokenizer, seed,
+        [args.train_iters * args.global_batch_size, eval_samples, 0], mock=args.mock_data,
+        path_to_cache=args.data_cache_path, per_split_data_args=args.per_split_data_args_path)
+    return tokenizer, train, valid
+
+
+def forward_step(model, data_iterator, ddp_model):
+    """megatron schedule callback: one micro-batch -> (per-token losses, loss reduction)."""
+    batch = next(data_iterator)
+    losses = ddp_model(batch["tokens"], labels=batch["labels"])
+
+    def loss_func(output):
+        mask = batch["loss_mask"].float()
+        loss = (output.float() * mask).sum() / mask.sum().clamp_min(1)
+        return loss, {"lm loss": loss.detach().clone()}  # the schedule scales `loss` in place
+
+    return losses, loss_func
+
+
+def run_batches(args, ddp, dataset, first_sample: int, forward_only: bool) -> float:
+    """Forward (and backward) over one global batch; returns the batch's mean loss on every rank."""
+    results = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, None), model=[ddp],
+        data_iterator=microbatches(dataset, first_sample, args.micro_batch_size, args.num_microbatches),
+        num_microbatches=args.num_microbatches, seq_length=args.seq_length + ddp.module.num_meta_tokens,
+        micro_batch_size=args.micro_batch_size, forward_only=forward_only)
+    loss = 0.0
+    if parallel_state.is_pipeline_last_stage():
+        value = torch.stack([r["lm loss"] for r in results]).mean()
+        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        loss = value.item() / parallel_state.get_data_parallel_world_size()
+    return broadcast_from_last_rank([loss])[0]
+
+
+def evaluate(args, ddp, valid, iteration: int) -> float:
+    ddp.eval()
+    losses = [run_batches(args, ddp, valid, (iteration // args.eval_interval * args.eval_iters + i)
+                          * args.global_batch_size, forward_only=True) for i in range(args.eval_iters)]
+    ddp.train()
+    return sum(losses) / len(losses)
+
+
+def train(args) -> dict:
+    """Build everything, resume if possible, train; returns a summary (final iteration, losses)."""
+    _, train_data, valid_data = build_data(args, args.seed)
+    vocab = train_data.config.tokenizer.vocab_size
+    spec, model, ddp, optimizer, scheduler, normalizer = build_model_and_optimizer(args, vocab)
+    log(f"model: {args.preset} pattern {spec.config.layer_pattern} | "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters on rank {dist.get_rank()} | "
+        f"TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size} "
+        f"DP {args.data_parallel_size} | weight norm {'on' if normalizer else 'off'}")
+
+    iteration, consumed = 0, 0
+    if args.load:
+        common = checkpointing.load_checkpoint(args.load, model, optimizer, scheduler)
+        if common is not None:
+            iteration = common["iteration"]
+            consumed = 0 if args.reset_data_position else common["consumed_samples"]
+            if common["args"]["seq_length"] != args.seq_length:
+                log(f"sequence length changes from {common['args']['seq_length']} to {args.seq_length}")
+            log(f"resumed from {common['loaded_from']} at iteration {iteration}")
+
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    flops_per_iter = tokens_per_iter * flops.train_flops_per_token(
+        spec.config, model.padded_vocab_size, args.seq_length, args.recompute_activations) / dist.get_world_size()
+    progress = ProgressLog(args.tensorboard_dir, args.log_interval, tokens_per_iter, flops_per_iter,
+                           peak_flops_per_second())
+    exit_signal = ExitSignal()
+    skipped_in_a_row, skipped_total, losses = 0, 0, []
+
+    def save():
+        if args.save:
+            checkpointing.save_checkpoint(args.save, iteration, model, optimizer, scheduler, {
+                "args": vars(args), "consumed_samples": consumed}, keep_last=args.keep_last)
+            log(f"saved checkpoint at iteration {iteration} to {args.save}")
+
+    while iteration < args.train_iters:
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = run_batches(args, ddp, train_data, consumed, forward_only=False)
+        grad_norm = None
+        if math.isfinite(loss):
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=args.global_batch_size)
+            skipped_in_a_row = 0
+        else:
+            skipped_in_a_row, skipped_total = skipped_in_a_row + 1, skipped_total + 1
+            if skipped_in_a_row >= args.max_consecutive_skipped:
+                save()
+                raise RuntimeError(f"stopping: {skipped_in_a_row} consecutive iterations with inf/NaN loss "
+                                   f"(last at iteration {iteration + 1}); last good state saved")
+        iteration += 1
+        consumed += args.global_batch_size
+        losses.append(loss)
+        extra = {"weight-norm-deviation": normalizer.last_mean_deviation} if normalizer else {}
+        progress.step(iteration, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, skipped_total, extra)
+
+        if valid_data is not None and args.eval_iters and iteration % args.eval_interval == 0:
+            val = evaluate(args, ddp, valid_data, iteration)
+            progress.scalar("validation/lm-loss", val, iteration)
+            progress.scalar("validation/perplexity", math.exp(min(val, 30)), iteration)
+            log(f"validation at iteration {iteration}: loss {val:.4f} | perplexity {math.exp(min(val, 30)):.2f}")
+        if exit_signal.any_rank_received():
+            log(f"exit signal received: saving at iteration {iteration} and exiting")
+            save()
+            break
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            save()
+            break
+        if iteration % args.save_interval == 0 or iteration == args.train_iters:
+            save()
+    progress.close()
+    return {"iteration": iteration, "losses": losses, "skipped": skipped_total}
+
+
+def main(argv=None) -> int:
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    try:
+        args = arguments.parse_args(argv, world_size=world)
+    except arguments.ArgumentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    runtime.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
+    try:
+        train(args)
+    finally:
+        runtime.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Pieces the training loop uses: batches from megatron datasets, exit signals, and progress logging."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_flash import runtime
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+def microbatches(dataset, first_sample: int, micro_batch_size: int, num_microbatches: int):
+    """This DP rank's micro-batches of one global batch starting at sample ``first_sample``.
+
+    Global batch b covers samples [first, first + global) in order; DP rank r takes the r-th contiguous block, as
+    Megatron-LM's MegatronPretrainingSampler does, so a layout change keeps the data order.
+    """
+    dp_rank = parallel_state.get_data_parallel_rank()
+    per_rank = micro_batch_size * num_microbatches
+    start = first_sample + dp_rank * per_rank
+    for m in range(num_microbatches):
+        samples = [dataset[(start + m * micro_batch_size + i) % len(dataset)] for i in range(micro_batch_size)]
+        yield {key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(runtime.device())
+               for key in ("tokens", "labels", "loss_mask")}
+
+
+# --- exit signals ---------------------------------------------------------------------------------------------
+
+class ExitSignal:
+    """SIGTERM / SIGUSR1 (what SLURM sends before the time limit) ask for a save and a clean exit.
+
+    The handler only records the signal; ranks agree at the end of an iteration (any rank signalled -> all stop),
+    so every rank saves the same iteration.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signum
+
+    def any_rank_received(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=runtime.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# --- logging --------------------------------------------------------------------------------------------------
+
+def is_logging_rank() -> bool:
+    """The last rank is on the last pipeline stage, where losses are known."""
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def broadcast_from_last_rank(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=runtime.device())
+    dist.broadcast(t, src=dist.get_world_size() - 1)
+    return t.tolist()
+
+
+def memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class ProgressLog:
+    """Console lines and TensorBoard scalars, written by the logging rank only."""
+
+    def __init__(self, tensorboard_dir, log_interval: int, tokens_per_iter: int, flops_per_iter: float,
+                 peak_flops: float):
+        self.log_interval, self.tokens_per_iter = log_interval, tokens_per_iter
+        self.flops_per_iter, self.peak_flops = flops_per_iter, peak_flops
+        self.writer = None
+        if tensorboard_dir and is_logging_rank():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+        self._t0, self._iters, self._losses = time.perf_counter(), 0, []
+
+    def scalar(self, name: str, value: float, iteration: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, iteration)
+
+    def step(self, iteration: int, loss: float, lr: float, grad_norm, skipped: int, extra: dict) -> None:
+        self._iters += 1
+        if math.isfinite(loss):
+            self._losses.append(loss)
+        for name, value in {"lm-loss": loss, "learning-rate": lr, **extra}.items():
+            self.scalar(f"train/{name}", value, iteration)
+        if grad_norm is not None:
+            self.scalar("train/grad-norm", grad_norm, iteration)
+        if iteration % self.log_interval:
+            return
+        elapsed = time.perf_counter() - self._t0
+        per_iter = elapsed / max(self._iters, 1)
+        tokens_per_s = self.tokens_per_iter / per_iter
+        mfu = self.flops_per_iter / per_iter / self.peak_flops if self.peak_flops else float("nan")
+        avg_loss = sum(self._losses) / len(self._losses) if self._losses else float("nan")
+        self.scalar("throughput/tokens-per-second", tokens_per_s, iteration)
+        self.scalar("throughput/mfu", mfu, iteration)
+        self.scalar("memory/gib", memory_gib(), iteration)
+        if is_logging_rank():
+            gn = f"{grad_norm:.3f}" if grad_norm is not None else "-"
+            print(f"iteration {iteration:>7d} | loss {avg_loss:.4f} | lr {lr:.3e} | grad norm {gn} | "
+                  f"{per_iter * 1000:.0f} ms/it | {tokens_per_s:,.0f} tokens/s | MFU {mfu:.1%} | "
+                  f"mem {memory_gib():.2f} GiB | skipped {skipped}", flush=True)
+        self._t0, self._iters, self._losses = time.perf_counter(), 0, []
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def peak_flops_per_second() -> float:
+    """bf16 dense peak of this GPU (per device), for MFU; 0 on CPU (MFU is then not reported)."""
+    if not torch.cuda.is_available():
+        return 0.0
+    name = torch.cuda.get_device_name()
+    for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("B200", 2250e12)):
+        if key in name:
+            return peak
+    return 0.0

@@ -1,0 +1,34 @@
+"""Which fp32 main parameter a megatron optimizer updates for each model parameter.
+
+megatron keeps that mapping in different attributes per optimizer class; weight normalization and checkpointing
+both need it, so it is read here once.
+"""
+
+from __future__ import annotations
+
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import ChainedOptimizer, Float16OptimizerWithFloat16Params, FP32Optimizer
+
+
+def leaf_optimizers(optimizer):
+    return list(optimizer.chained_optimizers) if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+
+
+def main_params(opt):
+    """(model param, main param, flat start or None) for every param a leaf megatron optimizer updates."""
+    if isinstance(opt, DistributedOptimizer):
+        pairs = []
+        for model_groups, shard_groups in ((opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
+                                           (opt.model_fp32_groups, opt.shard_fp32_groups)):
+            for model_group, shard_group in zip(model_groups, shard_groups):
+                for mp, sp in zip(model_group, shard_group):
+                    pairs.append((mp, sp, opt._get_model_param_range_map(mp)["param"].start))
+        return pairs
+    if isinstance(opt, Float16OptimizerWithFloat16Params):
+        pairs = [(mp, sp, None) for mg, sg in zip(opt.float16_groups, opt.fp32_from_float16_groups)
+                 for mp, sp in zip(mg, sg)]
+        pairs += [(p, p, None) for g in opt.fp32_from_fp32_groups for p in g]
+        return pairs
+    if isinstance(opt, FP32Optimizer):
+        return [(p, p, None) for g in opt.optimizer.param_groups for p in g["params"]]
+    raise TypeError(f"weight normalization does not know optimizer type {type(opt).__name__}")

@@ -1,0 +1,126 @@
+"""The Nemotron-Flash model on megatron-core: presets, patterns, and layout equivalence (TP, PP, SP)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from megatron_flash import patterns, presets
+from megatron_flash.testing import init_layout_invariant, run_distributed
+
+LAYOUT_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "official_layout")
+SEQ, BATCH = 20, 2
+
+
+# --- patterns ---------------------------------------------------------------------------------------------------
+
+def test_pattern_round_trip_with_released_layer_types():
+    for name, preset in (("1b", presets.NEMOTRON_FLASH_1B_PATTERN), ("3b", presets.NEMOTRON_FLASH_3B_PATTERN)):
+        path = os.path.join(LAYOUT_DIR, f"{name}_tied.json")
+        if not os.path.exists(path):
+            pytest.skip(f"{path} not present (the released layout lives in ../shared)")
+        released = json.load(open(path))["config"]["layer_types"]
+        types, global_idx = patterns.to_layer_types(preset)
+        assert types == released and global_idx == []
+        assert patterns.from_layer_types(released) == patterns.parse(preset)
+
+
+def test_sliding_window_patterns_round_trip():
+    types, global_idx = patterns.to_layer_types("SFAFDF")
+    assert types == ["a", "f", "a", "f", "deltanet", "f"] and global_idx == [2]
+    assert patterns.from_layer_types(types, sliding_window=128, global_attn_idx=global_idx) == "SFAFDF"
+
+
+@pytest.mark.parametrize("bad,where", [("DFXF", "position 2"), ("", "no layers"), ("DF7", "position 2")])
+def test_invalid_patterns_name_the_position(bad, where):
+    with pytest.raises(patterns.PatternError, match=where):
+        patterns.parse(bad)
+
+
+def test_stage_boundaries_even_and_explicit():
+    assert patterns.stage_boundaries(7, 2) == [(0, 4), (4, 7)]
+    assert patterns.stage_boundaries(6, 2, patterns.explicit_stage_sizes("DF|MFAF")) == [(0, 2), (2, 6)]
+    with pytest.raises(patterns.PatternError, match="pipeline size"):
+        patterns.stage_boundaries(4, 3, [2, 2])
+    with pytest.raises(patterns.PatternError, match="cannot fill"):
+        patterns.stage_boundaries(2, 3)
+
+
+# --- presets ----------------------------------------------------------------------------------------------------
+
+def _count_params(preset):
+    from megatron_flash.models import builder
+
+    spec = builder.resolve(preset, use_cpu_initialization=False, perform_initialization=False,
+                           params_dtype=torch.bfloat16)
+    model = builder.build_model(spec, 4096)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_preset_parameter_counts_match_the_released_models():
+    counts = run_distributed(_preset_counts, world_size=1)[0]
+    assert counts == presets.RELEASED_PARAMETER_COUNTS
+
+
+def _preset_counts():
+    return {name: _count_params(name) for name in presets.RELEASED_PARAMETER_COUNTS}
+
+
+# --- layouts ----------------------------------------------------------------------------------------------------
+
+def _loss_and_grads(sequence_parallel):
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_flash.models import builder, layout
+
+    spec = builder.resolve("tiny", layer_pattern="DFMFSFAF", sliding_window=6, use_cpu_initialization=True,
+                           sequence_parallel=sequence_parallel)
+    model = builder.build_model(spec, SEQ)
+    names = layout.global_names(model)
+    init_layout_invariant(model, lambda n: names[n])
+    tokens = torch.randint(0, spec.vocab_size, (2 * BATCH, SEQ + 1), generator=torch.Generator().manual_seed(3))
+    # DDP + finalize_model_grads as in training: they sum sequence-parallel norm grads over TP ranks
+    model = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+
+    def step(data, m):
+        batch = next(data)
+        out = m(batch[:, :-1], labels=batch[:, 1:])
+        return out, lambda o: (o.float().mean(), {"loss": o.float().mean().detach().clone()})
+
+    res = get_forward_backward_func()(forward_step_func=step, data_iterator=iter(tokens.chunk(2)), model=[model],
+                                      num_microbatches=2, seq_length=SEQ + spec.config.num_meta_tokens,
+                                      micro_batch_size=BATCH)
+    loss = torch.stack([r["loss"] for r in res]).sum().item() if ps.is_pipeline_last_stage() else None
+    return {"loss": loss, "grads": layout.full_named_tensors(model, use_grads=True),
+            "first_of_stage": ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0}
+
+
+def _merged(results):
+    loss = next(r["loss"] for r in results if r["loss"] is not None)
+    grads = {}
+    for r in (r for r in results if r["first_of_stage"]):
+        for k, v in r["grads"].items():
+            grads[k] = v  # tied embeddings: finalize_model_grads gave both stages the summed gradient
+    return loss, grads
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    return _merged(run_distributed(_loss_and_grads, world_size=1, args=(False,)))
+
+
+@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (1, 2, False), (2, 1, True)], ids=["tp2", "pp2", "tp2-sp"])
+def test_layouts_give_the_same_loss_and_gradients(single_process, tp, pp, sp):
+    ref_loss, ref_grads = single_process
+    loss, grads = _merged(run_distributed(_loss_and_grads, world_size=tp * pp, tensor_model_parallel_size=tp,
+                                          pipeline_model_parallel_size=pp, args=(sp,)))
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"gradient of {n}: {m}")
