@@ -21,9 +21,21 @@ from megatron_flash.hf.modeling_nemotron_flash import (
     NemotronFlashMamba2,
 )
 
-OFFICIAL_LAYOUT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "official_layout"
-OFFICIAL_LAYOUT = OFFICIAL_LAYOUT.resolve() if OFFICIAL_LAYOUT.exists() else Path("/work/shared/data/official_layout")
+# NVIDIA's released parameter names/shapes, in the shared/ folder beside the developer checkout.
+OFFICIAL_LAYOUT = (Path(__file__).resolve().parents[2] / "shared" / "data" / "official_layout")
 RELEASED_LAYER_TYPES = {"deltanet", "m2", "a", "f"}
+RELEASED_1B_CONFIG = {
+    "vocab_size": 131072, "num_memory_tokens": 256, "intermediate_size": 0, "ffn_expand_ratio": 3,
+    "mlp_hidden_act": "silu", "hidden_act": "silu", "mamba_d_state": 128, "mamba_d_conv": 4, "mamba_expand": 2,
+    "mamba2_headdim": 64, "mamba_conv_bias": True, "mamba_proj_bias": False, "rms_norm_eps": 1e-06,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "attn_implementation_new": "fused_mha",
+    "hybrid_decoder_layer": "mamba", "d_conv": 4, "rope": True, "rope_type": None, "rope_theta": 10000.0,
+    "kq_norm": "none", "attn_hidden_size": -1, "kq_head_dim": -1, "v_head_dim": -1, "sliding_window": None,
+    "global_attn_idx": [], "hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 4,
+    "layer_types": ["deltanet", "f", "m2", "f", "a", "f", "m2", "f"] * 2
+    + ["deltanet", "f", "m2", "f", "deltanet", "f", "m2", "f"],
+    "num_hidden_layers": 24, "tie_word_embeddings": True,
+}
 
 
 def tiny_config(**overrides) -> NemotronFlashConfig:
@@ -215,9 +227,40 @@ def assert_close(actual, expected, tol):
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["1b_tied", "1b_untied", "3b_tied", "3b_untied"])
+# Released sizes, for machines without ../shared: config fields that differ from the 1B defaults, and the exact
+# parameter count of NVIDIA's model (the official_layout files' "total").
+_3B_LAYER_TYPES = ["deltanet", "f", "m2", "f", "a", "f", "m2", "f"] * 2 + [
+    "deltanet", "f", "m2", "f", "a", "f", "m2", "f",
+    "deltanet", "f", "m2", "f", "deltanet", "f", "m2", "f", "deltanet", "f", "m2", "f",
+]
+RELEASED_SIZES = {
+    "1b_tied": ({}, 965_389_440),
+    "1b_untied": ({"tie_word_embeddings": False}, 1_233_824_896),
+    "3b_tied": (dict(hidden_size=3072, num_attention_heads=24, num_key_value_heads=6, layer_types=_3B_LAYER_TYPES),
+                2_749_998_624),
+    "3b_untied": (dict(hidden_size=3072, num_attention_heads=24, num_key_value_heads=6, layer_types=_3B_LAYER_TYPES,
+                       tie_word_embeddings=False), 3_152_651_808),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_SIZES))
+def test_released_parameter_counts(name):
+    overrides, total = RELEASED_SIZES[name]
+    with torch.device("meta"):
+        model = NemotronFlashForCausalLM(NemotronFlashConfig(**overrides))
+    assert sum(p.numel() for p in model.parameters()) == total
+    tied = overrides.get("tie_word_embeddings", True)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_SIZES))
 def test_released_parameter_layout(name):
-    official = json.loads((OFFICIAL_LAYOUT / f"{name}.json").read_text())
+    """Every state-dict name and shape, the count and the tied aliases of the official_layout file."""
+    path = OFFICIAL_LAYOUT / f"{name}.json"
+    if not path.exists():
+        pytest.skip(f"{path} not found (shared/ data is beside the developer checkout)")
+    official = json.loads(path.read_text())
+    assert official["total"] == RELEASED_SIZES[name][1]
     config = NemotronFlashConfig(**official["config"])
     for field, value in official["config"].items():
         assert getattr(config, field) == value, field
@@ -379,7 +422,9 @@ def test_padding_is_refused(tiny_model):
 
 
 def test_config_json_has_released_fields(tmp_path):
-    official = json.loads((OFFICIAL_LAYOUT / "1b_tied.json").read_text())["config"]
+    path = OFFICIAL_LAYOUT / "1b_tied.json"
+    # Without shared/: the released 1B config fields, as in that file.
+    official = json.loads(path.read_text())["config"] if path.exists() else RELEASED_1B_CONFIG
     NemotronFlashConfig(**official, dtype="bfloat16").save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
     for field, value in official.items():
@@ -418,3 +463,86 @@ def test_save_and_load_as_remote_code(tmp_path, monkeypatch, tied):
     ids = prompt(11)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_bfloat16_model_runs_and_tracks_fp32(tiny_model):
+    """bf16 weights: the fp32 parts (scans, norms) and cache dtypes hold together; logits stay near fp32's."""
+    model = NemotronFlashForCausalLM(tiny_config()).eval()
+    model.load_state_dict(tiny_model.state_dict())
+    model = model.to(torch.bfloat16)
+    ids = prompt(9)
+    with torch.no_grad():
+        logits = model(ids).logits
+        reference = tiny_model(ids).logits
+        assert_close(logits, reference, 0.05)
+        assert model.generate(ids, do_sample=False, max_new_tokens=4, pad_token_id=0).shape == (2, 13)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    model = NemotronFlashForCausalLM(tiny_config()).train()
+    model.load_state_dict(tiny_model.state_dict())
+    ids = prompt(10)
+
+    def gradients():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain = gradients()
+    # transformers 5.23 renamed gradient_checkpointing_enable (now a deprecated alias).
+    enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+    enable()
+    assert model.model.gradient_checkpointing
+    checkpointed = gradients()
+    for name, grad in plain.items():
+        assert grad.abs().sum() > 0, name  # every parameter takes part
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CUDA (skipped on CPU-only machines): fla's delta-rule kernels against the PyTorch path
+# ------------------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_deltanet_fla_kernels_match_pytorch_path(monkeypatch):
+    """bf16 on CUDA goes through fla (chunk kernel for the prefill, fused recurrent for decode steps); the PyTorch
+    path on the same bf16 module and inputs computes in fp32, so they agree to bf16 rounding."""
+    pytest.importorskip("fla.ops.delta_rule")
+    config = tiny_config(hidden_size=256, num_attention_heads=2, num_key_value_heads=1)  # head dim 128, as released
+    module = NemotronFlashDeltaNet(config, layer_idx=0)
+    randomize_(module, seed=9)
+    module = module.to("cuda", torch.bfloat16)
+    x = torch.randn(2, 150, 256, generator=torch.Generator().manual_seed(10)).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        cache = NemotronFlashCache(config)
+        with_fla = [module(x[:, :144], cache)]
+        cache.advance(144, 144)
+        for t in range(144, 150):
+            with_fla.append(module(x[:, t : t + 1], cache))
+            cache.advance(1, 1)
+        assert modeling_nemotron_flash._FLA_DELTA_RULE, "fla kernels were not used"
+        monkeypatch.setattr(modeling_nemotron_flash, "_FLA_DELTA_RULE", False)
+        pytorch_path = module(x)
+    assert_close(torch.cat(with_fla, dim=1).float(), pytorch_path.float(), 2e-2)
+
+
+@needs_cuda
+def test_model_on_cuda_matches_cpu(tiny_model):
+    """fp32 on CUDA (PyTorch path) matches the CPU model; bf16 on CUDA (fla kernels if installed) stays close."""
+    model = NemotronFlashForCausalLM(tiny_config()).eval()
+    model.load_state_dict(tiny_model.state_dict())
+    model = model.cuda()
+    ids = prompt(70)
+    with torch.no_grad():
+        reference = tiny_model(ids).logits
+        assert_close(model(ids.cuda()).logits.cpu(), reference, 1e-4)
+        generated = model.generate(ids[:, :9].cuda(), do_sample=False, max_new_tokens=8, pad_token_id=0)
+        assert torch.equal(
+            generated.cpu(), tiny_model.generate(ids[:, :9], do_sample=False, max_new_tokens=8, pad_token_id=0)
+        )
+        model = model.to(torch.bfloat16)
+        assert_close(model(ids.cuda()).logits.cpu(), reference, 0.05)
+        assert model.generate(ids[:, :9].cuda(), do_sample=False, max_new_tokens=8, pad_token_id=0).shape == (2, 17)

@@ -97,6 +97,12 @@ class NemotronFlashConfig(PretrainedConfig):
         if num_hidden_layers is not None and num_hidden_layers != len(layer_types):
             raise ValueError(f"num_hidden_layers={num_hidden_layers} but layer_types has {len(layer_types)} entries")
 
+        # The parent __init__ runs first: under transformers 5 it validates layer_types against its own names, so
+        # ours must not exist yet (see the module docstring); under transformers 4 it would reset
+        # tie_word_embeddings and the token ids to its defaults. architectures is a parent field, so it goes through.
+        super().__init__(
+            architectures=["NemotronFlashForCausalLM"] if architectures is None else architectures, **kwargs
+        )
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -142,12 +148,6 @@ class NemotronFlashConfig(PretrainedConfig):
             }
             if auto_map is None
             else auto_map
-        )
-        # Run transformers' own __init__ (and its strict validation) before layer_types exists on the object: the
-        # parent validator only knows transformers' layer-type names. See the module docstring.
-        # (architectures is a field of the parent dataclass: it must go through its __init__, which resets fields.)
-        super().__init__(
-            architectures=["NemotronFlashForCausalLM"] if architectures is None else architectures, **kwargs
         )
         self.layer_types = layer_types
 

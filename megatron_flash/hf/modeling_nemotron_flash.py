@@ -389,7 +389,9 @@ class NemotronFlashDeltaNet(nn.Module):
         q, k = l2_normalize(q), l2_normalize(k)
         beta = self.b_proj(x).float().sigmoid()
 
-        kernels = _fla_delta_rule_kernels() if x.is_cuda else None
+        # fla's kernels take bf16/fp16 only (its chunk kernel refuses fp32); fp32 models run the exact PyTorch path.
+        use_fla = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        kernels = _fla_delta_rule_kernels() if use_fla else None
         if kernels is not None:
             # Same inputs and math as delta_rule_chunked (scale dk^-0.5, q/k normalized above); fla accumulates
             # in fp32 and returns the final state in fp32. Short inputs (decode) use the recurrent kernel.
