@@ -1,0 +1,248 @@
+"""Mamba2 on a GPU: SSD backend accuracy in bf16, then Mamba2Mixer speed and memory at the 1B shape.
+
+1. Accuracy: the backends ``torch``, ``torch_compile`` and ``fla`` on bf16 activations (x, B, C in bf16; dt, A, D in
+   fp32, as the mixer feeds them) against the sequential fp32 reference ``ssd_reference``: relative error
+   ||got - ref|| / ||ref|| of y and, where the backend can run backward here, of the gradients of x, dt, A, B, C, D.
+   Also ``torch`` on fp32 inputs (should sit at fp32 rounding). B=2, T=1000 (not a multiple of the chunk), H=8,
+   P=64, N=128, one group, an initial state.
+2. Speed: forward+backward time (CUDA events, warm-up, median) and peak memory of the SSD scan alone and of one
+   Mamba2Mixer at the 1B shape (hidden 2048, P=64, N=128, expand 2: 64 heads), micro-batch 8 x 4096 tokens, bf16,
+   for ``torch`` and ``torch_compile``; ``fla`` forward only where its backward is refused (Hopper, triton < 3.7.1).
+
+    python benchmarks/gpu_check_mamba2.py            # one GPU; writes $OUT/mamba2_gpu.json when OUT is set
+    python benchmarks/gpu_check_mamba2.py --smoke    # tiny sizes, runs on CPU: checks that the script works
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import traceback
+
+import torch
+
+from megatron_flash import runtime
+from megatron_flash.ops.ssd import fla_backward_unsupported_reason, ssd_reference, ssd_scan
+
+FULL = dict(scan=dict(batch=2, length=1000, heads=8, head_dim=64, state_dim=128, chunk=64),
+            layer=dict(hidden=2048, head_dim=64, state_dim=128, batch=8, length=4096, chunk=64),
+            warmup=3, iters=10)
+SMOKE = dict(scan=dict(batch=1, length=50, heads=2, head_dim=8, state_dim=8, chunk=16),
+             layer=dict(hidden=64, head_dim=16, state_dim=16, batch=2, length=64, chunk=16),
+             warmup=1, iters=2)
+SCAN_INPUTS = ("x", "dt", "A", "Bm", "Cm", "D")
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.double()
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def scan_inputs(batch, length, heads, head_dim, state_dim, device, seed=0) -> dict:
+    """fp32 SSD inputs at trained-model magnitudes (A in [-16, -1], dt = softplus(.) around 0.001..0.1)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    t = dict(x=rand(batch, length, heads, head_dim),
+             dt=torch.nn.functional.softplus(rand(batch, length, heads) - 4.0),
+             A=-torch.empty(heads).uniform_(1.0, 16.0, generator=g),
+             Bm=rand(batch, length, 1, state_dim), Cm=rand(batch, length, 1, state_dim), D=rand(heads),
+             initial_state=0.1 * rand(batch, heads, head_dim, state_dim))
+    return {k: v.to(device) for k, v in t.items()}
+
+
+def run_scan(fn, inputs: dict, dy: torch.Tensor, backward: bool, **kwargs):
+    """y and (if backward) the gradients of SCAN_INPUTS, for a loss <y, dy>."""
+    leaves = {k: v.detach().clone().requires_grad_(backward and k in SCAN_INPUTS) for k, v in inputs.items()}
+    with torch.set_grad_enabled(backward):
+        y, _ = fn(leaves["x"], leaves["dt"], leaves["A"], leaves["Bm"], leaves["Cm"], leaves["D"],
+                  initial_state=leaves["initial_state"], **kwargs)
+        if backward:
+            (y.float() * dy).sum().backward()
+    return y.detach(), ({k: leaves[k].grad for k in SCAN_INPUTS} if backward else {})
+
+
+def accuracy(cfg, device) -> list[dict]:
+    s = cfg["scan"]
+    fp32 = scan_inputs(s["batch"], s["length"], s["heads"], s["head_dim"], s["state_dim"], device)
+    dy = torch.randn(fp32["x"].shape, generator=torch.Generator().manual_seed(1)).to(device)
+    y_ref, grads_ref = run_scan(ssd_reference, fp32, dy, backward=True)
+    bf16 = {k: (v.bfloat16() if k in ("x", "Bm", "Cm") else v) for k, v in fp32.items()}
+    fla_reason = fla_backward_unsupported_reason() if device.type == "cuda" else None
+    rows = []
+    for backend, inputs, dtype in (("torch", fp32, "fp32"), ("torch", bf16, "bf16"),
+                                   ("torch_compile", bf16, "bf16"), ("fla", bf16, "bf16")):
+        row = dict(backend=backend, inputs=dtype)
+        if backend == "fla" and device.type != "cuda":
+            rows.append({**row, "note": "skipped: fla's Triton kernels need CUDA"})
+            continue
+        backward = not (backend == "fla" and fla_reason)
+        try:
+            y, grads = run_scan(ssd_scan, inputs, dy, backward, chunk_size=s["chunk"], backend=backend)
+            row["y"] = relative_error(y, y_ref)
+            row.update({f"d{k}": relative_error(g, grads_ref[k]) for k, g in grads.items()})
+            if not backward:
+                row["note"] = "forward only: " + fla_reason
+        except Exception as exc:  # noqa: BLE001 - a backend failing is a result to report
+            row["note"] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+            traceback.print_exc()
+        rows.append(row)
+        print("accuracy", row, flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def measure(step, device, warmup, iters) -> dict:
+    """Median milliseconds of step() and its peak memory above what was allocated before it (GiB)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            step()
+            times.append(1e3 * (time.perf_counter() - t0))
+        peak = float("nan")
+    return dict(ms=statistics.median(times), peak_gib=peak)
+
+
+def _timed(rows, name, backend, mode, step, device, cfg):
+    row = dict(what=name, backend=backend, mode=mode)
+    try:
+        row.update(measure(step, device, cfg["warmup"], cfg["iters"]))
+    except Exception as exc:  # noqa: BLE001 - OOM or a refused backend is a result to report
+        row["note"] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+        traceback.print_exc()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    rows.append(row)
+    print("timing", row, flush=True)
+
+
+def timings(cfg, device) -> list[dict]:
+    from megatron_flash.config import make_config
+    from megatron_flash.layers.base import MixerInputs
+    from megatron_flash.layers.mamba2 import get_mamba2_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    L = cfg["layer"]
+    fla_reason = fla_backward_unsupported_reason() if device.type == "cuda" else "needs CUDA"
+    backends = [("torch", "fwd+bwd"), ("torch_compile", "fwd+bwd"), ("torch", "fwd"), ("torch_compile", "fwd")]
+    backends.append(("fla", "fwd") if fla_reason else ("fla", "fwd+bwd"))
+    if device.type != "cuda":
+        backends = [b for b in backends if b[0] != "fla"]
+    rows = []
+
+    # the scan alone, at the layer's per-GPU shape
+    heads = 2 * L["hidden"] // L["head_dim"]
+    scan = scan_inputs(L["batch"], L["length"], heads, L["head_dim"], L["state_dim"], device)
+    scan = {k: (v.bfloat16() if k in ("x", "Bm", "Cm") else v) for k, v in scan.items()}
+    for backend, mode in backends:
+        torch._dynamo.reset()  # a fresh, static-shape compile for each measured shape
+        leaves = {k: v.detach().requires_grad_(mode == "fwd+bwd" and k in SCAN_INPUTS) for k, v in scan.items()}
+        dy = torch.randn_like(leaves["x"])
+
+        def scan_step(backend=backend, mode=mode, leaves=leaves, dy=dy):
+            with torch.set_grad_enabled(mode == "fwd+bwd"):
+                y, _ = ssd_scan(*(leaves[k] for k in SCAN_INPUTS), chunk_size=L["chunk"], backend=backend)
+                if mode == "fwd+bwd":
+                    y.backward(dy)
+        _timed(rows, "ssd_scan", backend, mode, scan_step, device, cfg)
+    del scan
+
+    # one Mamba2 layer
+    config = make_config(hidden_size=L["hidden"], ffn_hidden_size=3 * L["hidden"], num_attention_heads=16,
+                         num_query_groups=4, layer_pattern="M", mamba_head_dim=L["head_dim"],
+                         mamba_state_dim=L["state_dim"], mamba_chunk_size=L["chunk"], params_dtype=torch.bfloat16,
+                         bf16=True, use_cpu_initialization=device.type != "cuda")
+    mixer = build_module(get_mamba2_spec(), config=config, layer_number=1).to(device)
+    x = torch.randn(L["length"], L["batch"], L["hidden"], device=device, dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn_like(x)
+    for backend, mode in backends:
+        torch._dynamo.reset()
+        config.ssd_backend = backend
+
+        def layer_step(mode=mode):
+            with torch.set_grad_enabled(mode == "fwd+bwd"):
+                out = mixer(x, MixerInputs())
+                if mode == "fwd+bwd":
+                    out.backward(dout)
+                    mixer.zero_grad(set_to_none=True)
+                    x.grad = None
+        _timed(rows, "Mamba2Mixer", backend, mode, layer_step, device, cfg)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(v):
+    return f"{v:.2e}" if isinstance(v, float) else str(v)
+
+
+def print_tables(result):
+    print("\n== SSD accuracy: relative error vs the fp32 sequential reference ==")
+    cols = ["y"] + [f"d{k}" for k in SCAN_INPUTS]
+    print(f"{'backend':<14} {'inputs':<6} " + " ".join(f"{c:>9}" for c in cols) + "  note")
+    for r in result["accuracy"]:
+        print(f"{r['backend']:<14} {r['inputs']:<6} " + " ".join(f"{_fmt(r.get(c, '-')):>9}" for c in cols)
+              + "  " + r.get("note", ""))
+    L = result["config"]["layer"]
+    print(f"\n== time and peak memory (batch {L['batch']} x {L['length']}, hidden {L['hidden']}, bf16) ==")
+    print(f"{'what':<12} {'backend':<14} {'mode':<8} {'ms':>9} {'peak GiB':>9}  note")
+    for r in result["timing"]:
+        ms = f"{r['ms']:.2f}" if "ms" in r else "-"
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
+        print(f"{r['what']:<12} {r['backend']:<14} {r['mode']:<8} {ms:>9} {peak:>9}  {r.get('note', '')}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU")
+    args = parser.parse_args()
+    cfg = SMOKE if args.smoke else FULL
+    runtime.initialize()
+    device = runtime.device()
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("no GPU here: use --smoke to check the script on CPU")
+    result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  torch=torch.__version__, config=cfg)
+    try:
+        import triton
+        result["triton"] = triton.__version__
+    except ImportError:
+        pass
+    result["fla_backward"] = (fla_backward_unsupported_reason() or "supported") if device.type == "cuda" else "n/a"
+    result["accuracy"] = accuracy(cfg, device)
+    result["timing"] = timings(cfg, device)
+    print_tables(result)
+    if os.environ.get("OUT"):
+        path = os.path.join(os.environ["OUT"], "mamba2_gpu.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"\nwrote {path}")
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The chunked PyTorch SSD (ops.ssd) against the sequential recurrence: outputs, final states and gradients, with
+initial states, lengths that are not a multiple of the chunk, groups, and packed documents."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_flash.ops.ssd import resolve_backend, ssd_reference, ssd_scan
+
+
+def _inputs(batch, length, heads, head_dim, groups, state_dim, *, dtype=torch.float64, seed=0, sequences=None,
+            with_d=True, with_initial=False):
+    """Realistic magnitudes: dt = softplus(.) around 0.01..1, A in [-16, -1] (mamba's A_log init range)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    tensors = dict(
+        x=rand(batch, length, heads, head_dim),
+        dt=F.softplus(rand(batch, length, heads) - 2.0),
+        A=-torch.empty(heads, dtype=dtype).uniform_(1.0, 16.0, generator=g),
+        Bm=rand(batch, length, groups, state_dim),
+        Cm=rand(batch, length, groups, state_dim),
+        D=rand(heads) if with_d else None,
+        initial_state=rand(sequences or batch, heads, head_dim, state_dim) if with_initial else None,
+    )
+    return {k: (v.requires_grad_() if v is not None else None) for k, v in tensors.items()}
+
+
+def _outputs_and_grads(fn, tensors, **kwargs):
+    """Run fn, backprop fixed random cotangents through y and the final state; return y, final, and all grads."""
+    for t in tensors.values():
+        if t is not None:
+            t.grad = None
+    y, final = fn(tensors["x"], tensors["dt"], tensors["A"], tensors["Bm"], tensors["Cm"], tensors["D"],
+                  initial_state=tensors["initial_state"], output_final_state=True, **kwargs)
+    g = torch.Generator().manual_seed(123)
+    cotangent = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t)  # noqa: E731 - same in any dtype
+    loss = (y * cotangent(y)).sum() + (final * cotangent(final)).sum()
+    loss.backward()
+    grads = {k: t.grad.clone() for k, t in tensors.items() if t is not None}
+    return y.detach(), final.detach(), grads
+
+
+def _assert_match(got, want, rtol, atol):
+    (y, final, grads), (y_ref, final_ref, grads_ref) = got, want
+    torch.testing.assert_close(y, y_ref.to(y.dtype), rtol=rtol, atol=atol, msg=lambda m: f"y: {m}")
+    torch.testing.assert_close(final, final_ref.to(final.dtype), rtol=rtol, atol=atol, msg=lambda m: f"final: {m}")
+    assert grads.keys() == grads_ref.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name].to(grad.dtype), rtol=rtol, atol=atol,
+                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+@pytest.mark.parametrize("batch,length,heads,head_dim,groups,state_dim,chunk,with_initial,with_d", [
+    (2, 70, 4, 8, 2, 6, 16, False, True),   # T not a multiple of the chunk, 2 groups
+    (1, 129, 4, 8, 1, 6, 32, True, True),   # one group (the released model), an initial state
+    (2, 64, 2, 4, 1, 5, 16, True, False),   # T a multiple of the chunk, no D
+    (1, 5, 2, 4, 1, 3, 64, False, True),    # shorter than one chunk
+])
+def test_torch_matches_reference(batch, length, heads, head_dim, groups, state_dim, chunk, with_initial, with_d):
+    tensors = _inputs(batch, length, heads, head_dim, groups, state_dim, with_initial=with_initial, with_d=with_d)
+    want = _outputs_and_grads(ssd_reference, tensors)
+    got = _outputs_and_grads(ssd_scan, tensors, chunk_size=chunk, backend="torch")
+    _assert_match(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("with_initial", [False, True])
+def test_packed_documents_match_reference(with_initial):
+    # an empty document, documents shorter and longer than a chunk, one ending mid-chunk
+    cu_seqlens = torch.tensor([0, 5, 5, 60, 61, 129])
+    tensors = _inputs(1, 129, 4, 8, 1, 6, sequences=5, with_initial=with_initial)
+    want = _outputs_and_grads(ssd_reference, tensors, cu_seqlens=cu_seqlens)
+    got = _outputs_and_grads(ssd_scan, tensors, chunk_size=16, cu_seqlens=cu_seqlens, backend="torch")
+    _assert_match(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_packed_documents_equal_separate_runs():
+    """The reference restarts per document by construction; check that against independent single-sequence runs."""
+    cu_seqlens = [0, 33, 70, 100]
+    t = _inputs(1, 100, 4, 8, 1, 6, sequences=3, with_initial=True)
+    y, final = ssd_scan(t["x"], t["dt"], t["A"], t["Bm"], t["Cm"], t["D"], chunk_size=16,
+                        initial_state=t["initial_state"], output_final_state=True,
+                        cu_seqlens=torch.tensor(cu_seqlens), backend="torch")
+    for n, (start, end) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
+        piece = lambda v: v[:, start:end]  # noqa: E731
+        y_doc, final_doc = ssd_reference(piece(t["x"]), piece(t["dt"]), t["A"], piece(t["Bm"]), piece(t["Cm"]),
+                                         t["D"], initial_state=t["initial_state"][n:n + 1], output_final_state=True)
+        torch.testing.assert_close(y[:, start:end], y_doc)
+        torch.testing.assert_close(final[n:n + 1], final_doc)
+
+
+def test_fp32_is_exact_to_rounding():
+    """fp32 inputs vs the fp64 recurrence at a realistic size: the chunked form adds no error beyond fp32 rounding."""
+    t64 = _inputs(2, 256, 4, 16, 1, 16, with_initial=True)
+    t32 = {k: (v.detach().float().requires_grad_() if v is not None else None) for k, v in t64.items()}
+    want = _outputs_and_grads(ssd_reference, t64)
+    got = _outputs_and_grads(ssd_scan, t32, chunk_size=64, backend="torch")
+    assert got[0].dtype == torch.float32
+    _assert_match(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_chunk_size_does_not_change_the_result():
+    t = _inputs(1, 50, 2, 4, 1, 3, with_initial=True)
+    runs = [ssd_scan(t["x"], t["dt"], t["A"], t["Bm"], t["Cm"], t["D"], chunk_size=c, backend="torch",
+                     initial_state=t["initial_state"], output_final_state=True) for c in (1, 7, 64, 500)]
+    for y, final in runs[1:]:
+        torch.testing.assert_close(y, runs[0][0])
+        torch.testing.assert_close(final, runs[0][1])
+
+
+def test_zero_dt_keeps_state_and_bf16_output_dtype():
+    """dt = 0 neither decays nor feeds the state (what chunk padding relies on); outputs keep the input dtype."""
+    t = _inputs(1, 20, 2, 4, 1, 3, with_initial=True, dtype=torch.float32)
+    with torch.no_grad():
+        t["dt"].zero_()
+    y, final = ssd_scan(t["x"].bfloat16(), t["dt"], t["A"], t["Bm"], t["Cm"], None, chunk_size=8, backend="torch",
+                        initial_state=t["initial_state"], output_final_state=True)
+    assert y.dtype == torch.bfloat16 and final.dtype == torch.float32
+    torch.testing.assert_close(final, t["initial_state"].detach())
+
+
+def test_bad_inputs_are_rejected():
+    t = {k: (v.detach() if v is not None else None) for k, v in _inputs(2, 10, 4, 8, 2, 6).items()}
+    args = (t["x"], t["dt"], t["A"], t["Bm"], t["Cm"])
+    with pytest.raises(ValueError, match="unknown SSD backend"):
+        ssd_scan(*args, backend="cuda")
+    with pytest.raises(ValueError, match="dt must be"):
+        ssd_scan(t["x"], t["dt"][:, :5], *args[2:])
+    with pytest.raises(ValueError, match="multiple of groups"):
+        ssd_scan(*args[:3], t["Bm"][:, :, :1].expand(-1, -1, 3, -1), t["Cm"][:, :, :1].expand(-1, -1, 3, -1))
+    with pytest.raises(ValueError, match="batch size 1"):
+        ssd_scan(*args, cu_seqlens=torch.tensor([0, 4, 10]))
+    with pytest.raises(ValueError, match="must rise from 0"):
+        ssd_scan(*(a[:1] for a in args[:2]), args[2], *(a[:1] for a in args[3:]), cu_seqlens=torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="initial_state must be"):
+        ssd_scan(*args, initial_state=torch.zeros(1, 4, 8, 6))
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd_scan(*args, chunk_size=0)
+
+
+def test_backend_resolution_and_missing_mamba_ssm():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("fla", torch.device("cpu")) == "fla"
+    try:
+        import mamba_ssm  # noqa: F401
+    except ImportError:
+        t = {k: (v.detach() if v is not None else None) for k, v in _inputs(1, 8, 2, 4, 1, 3).items()}
+        with pytest.raises(RuntimeError, match="needs mamba_ssm"):
+            ssd_scan(t["x"], t["dt"], t["A"], t["Bm"], t["Cm"], backend="mamba_ssm")
+
+
+def test_matches_mamba_ssm_minimal_reference():
+    """mamba_ssm's own pure-torch ssd_minimal, where mamba_ssm can be imported (it needs its CUDA build)."""
+    minimal = pytest.importorskip("mamba_ssm.modules.ssd_minimal", reason="mamba_ssm is not installed (needs CUDA)")
+    t = {k: (v.detach().float() if v is not None else None)
+         for k, v in _inputs(2, 128, 4, 8, 1, 6, with_d=False, with_initial=True).items()}
+    heads = t["x"].shape[2]
+    y_ref, final_ref = minimal.ssd_minimal_discrete(
+        t["x"] * t["dt"][..., None], t["A"] * t["dt"], t["Bm"].expand(-1, -1, heads, -1),
+        t["Cm"].expand(-1, -1, heads, -1), block_len=32, initial_states=t["initial_state"][:, None])
+    y, final = ssd_scan(t["x"], t["dt"], t["A"], t["Bm"], t["Cm"], chunk_size=32, backend="torch",
+                        initial_state=t["initial_state"], output_final_state=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="torch.compile of the SSD takes ~60 s on this 2-core CPU; benchmarks/gpu_check_mamba2.py "
+                           "checks the torch_compile backend on the GPU")
+def test_torch_compile_matches_reference():
+    t = _inputs(1, 129, 4, 8, 1, 6, with_initial=True, dtype=torch.float32)
+    t = {k: (v.detach().cuda().requires_grad_() if v is not None else None) for k, v in t.items()}
+    t64 = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in t.items()}
+    _assert_match(_outputs_and_grads(ssd_scan, t, chunk_size=32, backend="torch_compile"),
+                  _outputs_and_grads(ssd_reference, t64), rtol=1e-4, atol=1e-4)
