@@ -20,6 +20,8 @@ run its validation, and (2) overriding ``validate`` so that a save checks our vo
 transformers'.
 """
 
+import inspect
+
 from transformers import PretrainedConfig
 
 NEMOTRON_FLASH_LAYER_TYPES = ("deltanet", "m2", "a", "f")
@@ -177,6 +179,16 @@ class NemotronFlashConfig(PretrainedConfig):
     @torch_dtype.setter
     def torch_dtype(self, value):
         self.dtype = value
+
+    def to_diff_dict(self):
+        # transformers leaves out values equal to its own base defaults (under transformers 4, for example,
+        # tie_word_embeddings=True and null token ids); a released config.json lists every Nemotron-Flash field.
+        diff = super().to_diff_dict()
+        full = self.to_dict()
+        for name in inspect.signature(NemotronFlashConfig.__init__).parameters:
+            if name in full:
+                diff.setdefault(name, full[name])
+        return diff
 
     def to_dict(self):
         output = super().to_dict()

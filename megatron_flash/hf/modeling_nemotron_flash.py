@@ -276,9 +276,6 @@ class NemotronFlashCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.text_length
 
-    def get_max_length(self) -> Optional[int]:
-        return None
-
     @property
     def is_empty(self) -> bool:
         return self.stream_length == 0
@@ -300,7 +297,9 @@ class NemotronFlashCache:
         if sliding_window is not None:
             # The next query (stream index n) sees keys j > n - window: the last window - 1 keys.
             dropped = max(keys.shape[2] - (sliding_window - 1), 0)
-            stored_keys, stored_values = keys[:, :, dropped:], values[:, :, dropped:]
+            if dropped:
+                # clone(): a view would keep the whole concatenated (e.g. prompt-long) buffer alive.
+                stored_keys, stored_values = keys[:, :, dropped:].clone(), values[:, :, dropped:].clone()
             self.first_cached_key_index[layer_idx] = first_index + dropped
         self.key_cache[layer_idx], self.value_cache[layer_idx] = stored_keys, stored_values
         return keys, values, first_index
