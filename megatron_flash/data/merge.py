@@ -37,7 +37,10 @@ def find_prefixes(specs: Sequence[str]) -> List[str]:
     """Expand folders (sorted), globs (sorted) and explicit prefixes, keeping the given order between specs."""
     prefixes: List[str] = []
     for spec in specs:
-        if os.path.isdir(spec):
+        if os.path.isfile(get_idx_path(_prefix_of(spec))):
+            # A prefix first: megatron's GPTDataset may have made a *folder* of that name for its index cache.
+            found = [_prefix_of(spec)]
+        elif os.path.isdir(spec):
             found = sorted(_prefix_of(p) for p in glob.glob(os.path.join(spec, "*.idx")))
             if not found:
                 raise MergeError(f"folder {spec!r} has no .idx files")
