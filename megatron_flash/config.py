@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
@@ -20,6 +22,9 @@ class NemotronFlashConfig(TransformerConfig):
     """
 
     layer_pattern: str = "DFMFAF"
+    # Seed of CPU initialization (use_cpu_initialization): each layer draws from its own stream, so a model is
+    # initialized the same under any TP/PP layout
+    init_seed: int = 1234
     # layers per pipeline stage; set from '|' in layer_pattern, else an even split
     pipeline_stage_layers: Optional[list] = None
     num_meta_tokens: int = 256
@@ -51,6 +56,17 @@ class NemotronFlashConfig(TransformerConfig):
         if "S" in self.layer_pattern and not self.sliding_window:
             raise ValueError("layer_pattern has sliding-window attention (S) but sliding_window is not set")
         super().__post_init__()
+
+    @contextlib.contextmanager
+    def init_rng(self, stream: int):
+        """Parameters created inside draw from the CPU RNG seeded by (init_seed, stream).
+
+        With use_cpu_initialization megatron builds each full matrix from the CPU RNG and then takes this rank's
+        shard, so per-layer streams make initialization independent of the TP/PP layout.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed * 1_000_003 + stream)
+            yield
 
     @property
     def deltanet_heads(self) -> int:

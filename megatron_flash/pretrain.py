@@ -42,7 +42,8 @@ def build_model_and_optimizer(args, vocab_size: int):
         sequence_parallel=args.sequence_parallel, ssd_backend=args.ssd_backend,
         delta_rule_backend=args.delta_rule_backend, bf16=args.bf16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=args.use_cpu_initialization or not torch.cuda.is_available(),
+        init_seed=args.seed,
         recompute_granularity="full" if args.recompute_activations else None,
         recompute_method="uniform" if args.recompute_activations else None,
         recompute_num_layers=1 if args.recompute_activations else None,
@@ -90,7 +91,9 @@ def build_data(args, seed: int):
     train, valid, _ = build_pretraining_datasets(
         None if args.mock_data else args.data_path, args.split, args.seq_length, tokenizer, seed,
         [args.train_iters * args.global_batch_size, eval_samples, 0], mock=args.mock_data,
-        path_to_cache=args.data_cache_path, per_split_data_args=args.per_split_data_args_path)
+        path_to_cache=args.data_cache_path, per_split_data_args=args.per_split_data_args_path,
+        # every rank reads its own micro-batches (the indexed files are memory-mapped; no broadcast needed)
+        build_on_every_rank=True, create_attention_mask=False)
     return tokenizer, train, valid
 
 
@@ -130,8 +133,12 @@ def evaluate(args, ddp, valid, iteration: int) -> float:
     return sum(losses) / len(losses)
 
 
-def train(args) -> dict:
-    """Build everything, resume if possible, train; returns a summary (final iteration, losses)."""
+def train(args, step_callback=None) -> dict:
+    """Build everything, resume if possible, train; returns a summary (final iteration, losses).
+
+    ``step_callback(iteration, model, optimizer)``, if given, runs after every iteration (tests check invariants
+    there).
+    """
     _, train_data, valid_data = build_data(args, args.seed)
     vocab = train_data.config.tokenizer.vocab_size
     spec, model, ddp, optimizer, scheduler, normalizer = build_model_and_optimizer(args, vocab)
@@ -184,12 +191,15 @@ def train(args) -> dict:
         losses.append(loss)
         extra = {"weight-norm-deviation": normalizer.last_mean_deviation} if normalizer else {}
         progress.step(iteration, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, skipped_total, extra)
+        if step_callback is not None:
+            step_callback(iteration, model, optimizer)
 
         if valid_data is not None and args.eval_iters and iteration % args.eval_interval == 0:
             val = evaluate(args, ddp, valid_data, iteration)
             progress.scalar("validation/lm-loss", val, iteration)
             progress.scalar("validation/perplexity", math.exp(min(val, 30)), iteration)
             log(f"validation at iteration {iteration}: loss {val:.4f} | perplexity {math.exp(min(val, 30)):.2f}")
+            progress.restart_timer()
         if exit_signal.any_rank_received():
             log(f"exit signal received: saving at iteration {iteration} and exiting")
             save()
@@ -199,6 +209,7 @@ def train(args) -> dict:
             break
         if iteration % args.save_interval == 0 or iteration == args.train_iters:
             save()
+            progress.restart_timer()
     progress.close()
     return {"iteration": iteration, "losses": losses, "skipped": skipped_total}
 

@@ -86,13 +86,16 @@ def run_distributed(
 
 
 def _first_error(outdir, world_size):
+    """Every failed rank's traceback, the root cause first (others often only report a closed connection)."""
+    errors = []
     for rank in range(world_size):
         path = os.path.join(outdir, f"rank{rank}.pt")
         if os.path.exists(path):
             out = torch.load(path, weights_only=False)
             if not out["ok"]:
-                return f"rank {rank} failed:\n{out['error']}"
-    return None
+                errors.append((rank, out["error"]))
+    errors.sort(key=lambda e: "by peer" in e[1] or "Connection reset" in e[1])
+    return "\n".join(f"rank {rank} failed:\n{error}" for rank, error in errors) or None
 
 
 @torch.no_grad()

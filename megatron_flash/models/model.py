@@ -17,14 +17,17 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron_flash.layers.base import MixerInputs
 from megatron_flash.models.stack import HybridStack
 
-# Megatron-LM pads the vocabulary so that every TP rank gets an equal, aligned slice.
+# Initialization streams of the non-layer parameters (layers use their index; see NemotronFlashConfig.init_rng).
+EMBEDDING_STREAM, OUTPUT_STREAM = 1_000_000, 1_000_001
+
+# The vocabulary is padded so that every TP rank gets an equal slice. Unlike Megatron-LM (128 x TP) the multiple
+# does not depend on TP, so the model (and its checkpoints) are the same under any TP size up to 128.
 VOCAB_PAD_MULTIPLE = 128
 
 
-def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1) -> int:
-    """Smallest multiple of 128 * TP that holds the vocabulary (the padding rows are stripped on export)."""
-    multiple = VOCAB_PAD_MULTIPLE * tensor_parallel_size
-    return -(-vocab_size // multiple) * multiple
+def padded_vocab_size(vocab_size: int) -> int:
+    """Smallest multiple of 128 that holds the vocabulary (the padding rows are stripped on export)."""
+    return -(-vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
 
 class NemotronFlashModel(LanguageModule):
@@ -46,7 +49,10 @@ class NemotronFlashModel(LanguageModule):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.vocab_size = vocab_size
-        self.padded_vocab_size = padded_vocab_size(vocab_size, config.tensor_model_parallel_size)
+        self.padded_vocab_size = padded_vocab_size(vocab_size)
+        if self.padded_vocab_size % config.tensor_model_parallel_size:
+            raise ValueError(f"padded vocabulary {self.padded_vocab_size} is not divisible by TP size "
+                             f"{config.tensor_model_parallel_size}")
         self.max_sequence_length = max_sequence_length
         self.pre_process, self.post_process = pre_process, post_process
         self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
@@ -54,12 +60,12 @@ class NemotronFlashModel(LanguageModule):
 
         if pre_process:
             # Meta tokens are concatenated before the sequence-parallel scatter, so the embedding must not scatter.
-            self.embedding = LanguageModelEmbedding(config, self.padded_vocab_size, max_sequence_length,
-                                                    position_embedding_type="none",
-                                                    scatter_to_sequence_parallel=False)
-            self.meta_tokens = torch.nn.Parameter(torch.empty(self.num_meta_tokens, config.hidden_size,
-                                                              dtype=config.params_dtype))
-            with tensor_parallel.get_cuda_rng_tracker().fork(tensor_parallel.random._DATA_PARALLEL_RNG_TRACKER_NAME):
+            with config.init_rng(EMBEDDING_STREAM):
+                self.embedding = LanguageModelEmbedding(config, self.padded_vocab_size, max_sequence_length,
+                                                        position_embedding_type="none",
+                                                        scatter_to_sequence_parallel=False)
+                self.meta_tokens = torch.nn.Parameter(torch.empty(self.num_meta_tokens, config.hidden_size,
+                                                                  dtype=config.params_dtype))
                 config.init_method(self.meta_tokens)
         self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_percent=1.0, rotary_base=rotary_base,
                                               use_cpu_initialization=config.use_cpu_initialization)
@@ -68,10 +74,11 @@ class NemotronFlashModel(LanguageModule):
         if post_process:
             # The output layer sees the full (gathered) sequence with meta positions dropped: no sequence parallel.
             out_config = dataclasses.replace(config, sequence_parallel=False)
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, self.padded_vocab_size, config=out_config, init_method=config.init_method,
-                bias=False, skip_bias_add=False, gather_output=False,
-                skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights)
+            with config.init_rng(OUTPUT_STREAM):
+                self.output_layer = tensor_parallel.ColumnParallelLinear(
+                    config.hidden_size, self.padded_vocab_size, config=out_config, init_method=config.init_method,
+                    bias=False, skip_bias_add=False, gather_output=False,
+                    skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights)
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
 
@@ -94,6 +101,15 @@ class NemotronFlashModel(LanguageModule):
             else self.output_layer.weight
         return F.normalize(weight, dim=1)
 
+    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Padding rows get -inf logits: the softmax (and so the loss) is exactly that of the real vocabulary."""
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        per_rank = logits.shape[-1]
+        first = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        is_padding = torch.arange(first, first + per_rank, device=logits.device) >= self.vocab_size
+        return logits.masked_fill(is_padding, float("-inf"))
+
     def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
                 packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
@@ -111,6 +127,7 @@ class NemotronFlashModel(LanguageModule):
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         hidden = hidden[self.num_meta_tokens:]
         logits, _ = self.output_layer(hidden, weight=self.output_weight())
+        logits = self._mask_vocab_padding(logits)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, logits)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.utils import sharded_state_dict_default
@@ -26,9 +26,12 @@ class HybridStack(MegatronModule):
         super().__init__(config=config)
         start, end = patterns.stage_boundaries(config.num_layers, pp_size, config.pipeline_stage_layers)[pp_rank]
         self.layer_offset = start
-        self.layers = torch.nn.ModuleList(
-            build_module(specs.layer_spec(config.layer_pattern[i], use_te), config=config, layer_number=i + 1)
-            for i in range(start, end))
+        layers = []
+        for i in range(start, end):
+            with config.init_rng(i):
+                layers.append(build_module(specs.layer_spec(config.layer_pattern[i], use_te), config=config,
+                                           layer_number=i + 1))
+        self.layers = torch.nn.ModuleList(layers)
         self.final_norm = (build_module(specs.final_norm_spec(use_te), config=config, hidden_size=config.hidden_size,
                                         eps=config.layernorm_epsilon) if post_process else None)
         self.input_tensor = None
@@ -44,8 +47,9 @@ class HybridStack(MegatronModule):
             sharded.update(layer.sharded_state_dict(f"{prefix}layers.{layer.layer_number - 1}.", sharded_offsets,
                                                     metadata))
         if self.final_norm is not None:
-            sharded.update(sharded_state_dict_default(self.final_norm, f"{prefix}final_norm.", sharded_offsets,
-                                                      metadata))
+            sharded.update(sharded_state_dict_default(
+                self.final_norm, f"{prefix}final_norm.", sharded_offsets, metadata,
+                tp_group=parallel_state.get_tensor_model_parallel_group()))
         return sharded
 
     def forward(self, hidden_states, inputs: MixerInputs) -> torch.Tensor:

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssd-backend", default="auto", help="Mamba2 scan: auto, mamba_ssm, torch, torch_compile")
     g.add_argument("--delta-rule-backend", default="auto", help="DeltaNet: auto, fla, torch")
     g.add_argument("--recompute-activations", action="store_true", help="recompute each layer in backward")
+    g.add_argument("--use-cpu-initialization", action="store_true",
+                   help="initialize on the CPU, identically under any TP/PP layout (always on without a GPU)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)

@@ -36,7 +36,8 @@ from megatron_flash.training.optimizer_params import leaf_optimizers, main_param
 
 TRACKER = "latest_checkpointed_iteration.txt"
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
-# Test hook: exit right after the shards are written, before the rename (what a kill mid-save leaves behind).
+# Test hook: when set to an iteration, the save of that iteration exits right after the shards are written and
+# before the rename, which is what a kill mid-save leaves behind.
 CRASH_BEFORE_COMMIT_ENV = "MEGATRON_FLASH_CRASH_BEFORE_CHECKPOINT_COMMIT"
 
 
@@ -73,11 +74,15 @@ def _optimizer_entries(optimizer):
 
 
 def _full(model_param, piece, start, group):
-    """A main param / moment as a full tensor shaped like the model param (assembled over DP if sharded)."""
-    if start is None:
+    """A main param / moment as a full tensor shaped like the model param (assembled over DP if sharded).
+
+    With the distributed optimizer every DP rank calls this for every param, ``piece`` None where it holds none.
+    """
+    if group is None:
         return piece.detach().float().reshape(model_param.shape).clone()
-    full = torch.zeros(model_param.numel(), dtype=torch.float32, device=piece.device)
-    full[start:start + piece.numel()] = piece.detach().float().view(-1)
+    full = torch.zeros(model_param.numel(), dtype=torch.float32, device=model_param.device)
+    if piece is not None:
+        full[start:start + piece.numel()] = piece.detach().float().view(-1)
     dist.all_reduce(full, group=group)
     return full.view(model_param.shape)
 
@@ -85,17 +90,18 @@ def _full(model_param, piece, start, group):
 def optimizer_sharded_state(optimizer, model_sharded_sd, for_load: bool = False) -> dict:
     """The optimizer's state as ShardedTensors keyed like the model's parameters."""
     entries = list(_optimizer_entries(optimizer))
-    id_to_sharded = get_param_id_to_sharded_param_map(model_sharded_sd, (e[1] for e in entries))
+    sharded_by_index = get_param_id_to_sharded_param_map(model_sharded_sd, (e[1] for e in entries))
     out = {}
-    for leaf, model_param, main_param, start, group in entries:
-        state = leaf.optimizer.state.get(main_param, {})
+    for index, (leaf, model_param, main_param, start, group) in enumerate(entries):
+        state = leaf.optimizer.state.get(main_param, {}) if main_param is not None else {}
         for name in ("param",) + ADAM_STATES:
             if for_load:
-                full = torch.empty(model_param.shape, dtype=torch.float32, device=main_param.device)
+                full = torch.empty(model_param.shape, dtype=torch.float32, device=model_param.device)
             else:
-                piece = main_param if name == "param" else state.get(name, torch.zeros_like(main_param))
+                piece = main_param if name == "param" or main_param is None else \
+                    state.get(name, torch.zeros_like(main_param))
                 full = _full(model_param, piece, start, group)
-            sharded = make_sharded_optimizer_tensor(id_to_sharded[id(model_param)], full, prefix=f"optimizer.{name}")
+            sharded = make_sharded_optimizer_tensor(sharded_by_index[index], full, prefix=f"optimizer.{name}")
             out[f"{name}.{sharded.key}"] = sharded
     return out
 
@@ -111,9 +117,11 @@ def _adam_step(optimizer) -> int:
 @torch.no_grad()
 def _restore_optimizer(optimizer, loaded: dict, model_sharded_sd, step: int) -> None:
     entries = list(_optimizer_entries(optimizer))
-    id_to_sharded = get_param_id_to_sharded_param_map(model_sharded_sd, (e[1] for e in entries))
-    for leaf, model_param, main_param, start, group in entries:
-        key = id_to_sharded[id(model_param)].key
+    sharded_by_index = get_param_id_to_sharded_param_map(model_sharded_sd, (e[1] for e in entries))
+    for index, (leaf, model_param, main_param, start, group) in enumerate(entries):
+        if main_param is None:
+            continue
+        key = sharded_by_index[index].key
         state = leaf.optimizer.state.setdefault(main_param, {})
         for name in ("param",) + ADAM_STATES:
             full = loaded[f"{name}.optimizer.{name}.{key}"].view(-1)
@@ -180,7 +188,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, comm
     }
     dist_checkpointing.save(state, tmp)
     dist.barrier()
-    if os.environ.get(CRASH_BEFORE_COMMIT_ENV):
+    if os.environ.get(CRASH_BEFORE_COMMIT_ENV) == str(iteration):
         os._exit(17)
     if dist.get_rank() == 0:
         os.rename(tmp, final)

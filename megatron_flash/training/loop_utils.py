@@ -90,6 +90,10 @@ class ProgressLog:
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
         self._t0, self._iters, self._losses = time.perf_counter(), 0, []
 
+    def restart_timer(self) -> None:
+        """Leave evaluation and checkpoint time out of the throughput figures."""
+        self._t0, self._iters = time.perf_counter(), 0
+
     def scalar(self, name: str, value: float, iteration: int) -> None:
         if self.writer is not None:
             self.writer.add_scalar(name, value, iteration)
@@ -114,8 +118,9 @@ class ProgressLog:
         self.scalar("memory/gib", memory_gib(), iteration)
         if is_logging_rank():
             gn = f"{grad_norm:.3f}" if grad_norm is not None else "-"
+            mfu_text = f"{mfu:.1%}" if math.isfinite(mfu) else "-"
             print(f"iteration {iteration:>7d} | loss {avg_loss:.4f} | lr {lr:.3e} | grad norm {gn} | "
-                  f"{per_iter * 1000:.0f} ms/it | {tokens_per_s:,.0f} tokens/s | MFU {mfu:.1%} | "
+                  f"{per_iter * 1000:.0f} ms/it | {tokens_per_s:,.0f} tokens/s | MFU {mfu_text} | "
                   f"mem {memory_gib():.2f} GiB | skipped {skipped}", flush=True)
         self._t0, self._iters, self._losses = time.perf_counter(), 0, []
 

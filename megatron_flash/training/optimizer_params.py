@@ -15,15 +15,19 @@ def leaf_optimizers(optimizer):
 
 
 def main_params(opt):
-    """(model param, main param, flat start or None) for every param a leaf megatron optimizer updates."""
+    """(model param, main param, flat start) for every param a leaf megatron optimizer updates.
+
+    The list and its order are the same on every DP rank. With the distributed optimizer a rank whose shard holds
+    none of a param gets (param, None, None): it still takes part in the collectives over that param.
+    """
     if isinstance(opt, DistributedOptimizer):
-        pairs = []
+        local = {}
         for model_groups, shard_groups in ((opt.model_float16_groups, opt.shard_fp32_from_float16_groups),
                                            (opt.model_fp32_groups, opt.shard_fp32_groups)):
             for model_group, shard_group in zip(model_groups, shard_groups):
                 for mp, sp in zip(model_group, shard_group):
-                    pairs.append((mp, sp, opt._get_model_param_range_map(mp)["param"].start))
-        return pairs
+                    local[mp] = (sp, opt._get_model_param_range_map(mp)["param"].start)
+        return [(p, *local.get(p, (None, None))) for buf in opt.buffers for p in buf.params]
     if isinstance(opt, Float16OptimizerWithFloat16Params):
         pairs = [(mp, sp, None) for mg, sg in zip(opt.float16_groups, opt.fp32_from_float16_groups)
                  for mp, sp in zip(mg, sg)]
@@ -31,4 +35,4 @@ def main_params(opt):
         return pairs
     if isinstance(opt, FP32Optimizer):
         return [(p, p, None) for g in opt.optimizer.param_groups for p in g["params"]]
-    raise TypeError(f"weight normalization does not know optimizer type {type(opt).__name__}")
+    raise TypeError(f"unsupported megatron optimizer type {type(opt).__name__}")

@@ -40,7 +40,7 @@ class _Entry:
     """One normalized matrix: its model param (shape, kind) and the main param the optimizer updates."""
 
     model_param: torch.nn.Parameter
-    main_param: torch.Tensor
+    main_param: Optional[torch.Tensor]  # None: the distributed optimizer gave this rank no piece of it
     kind: str  # "rows" | "cols"
     flat_start: Optional[int] = None  # distributed optimizer: this rank's range in the flattened model param
 
@@ -149,14 +149,16 @@ class WeightNormalizer:
                 e.main_param.div_(norms.clamp_min(EPS).to(e.main_param.dtype))
             self.last_mean_deviation = float(torch.stack(deviations).mean())
             return
-        sums = torch.cat([_flat_sums(e, e.main_param.view(-1)) for e in entries])
+        sums = torch.cat([_flat_sums(e, e.main_param.view(-1)) if e.main_param is not None
+                          else torch.zeros(e.count()) for e in entries])
         dist.all_reduce(sums, group=group)
         norms = sums.sqrt()
         self.last_mean_deviation = float((norms - 1).abs().mean())
         inv = 1.0 / norms.clamp_min(EPS)
         offset = 0
         for e in entries:
-            _flat_rescale(e, e.main_param.view(-1), inv[offset:offset + e.count()])
+            if e.main_param is not None:
+                _flat_rescale(e, e.main_param.view(-1), inv[offset:offset + e.count()])
             offset += e.count()
 
 

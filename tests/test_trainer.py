@@ -1,0 +1,120 @@
+"""The pretraining loop over gloo: layouts agree, weight normalization holds, checkpoints resume and reshard."""
+
+import os
+
+import pytest
+import torch
+
+from megatron_flash.testing import run_distributed
+
+BASE = ["--mock-data", "--seq-length", "24", "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "100", "--eval-interval", "1000",
+        "--eval-iters", "0", "--save-interval", "1000", "--seed", "5"]
+
+
+def _check_step(iteration, model, optimizer, record):
+    """Norms of every normalized row/column of the full (TP-gathered, DP-assembled) fp32 main params, and
+    whether each low-precision model param equals its rounded main param."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_flash.models import layout
+    from megatron_flash.training.checkpointing import _full, _optimizer_entries
+
+    worst, mismatched = 0.0, 0
+    for _, model_param, main_param, start, group in _optimizer_entries(optimizer):
+        full_main = _full(model_param, main_param, start, group)
+        if model_param.dtype != torch.float32:
+            mismatched += int(not torch.equal(full_main.to(model_param.dtype), model_param.data))
+        kind = getattr(model_param, "weight_norm", None)
+        if kind is None:
+            continue
+        full = layout.gather_full(full_main, model_param, ps.get_tensor_model_parallel_group())
+        norms = full.norm(dim=1 if kind == "rows" else 0)
+        worst = max(worst, float((norms - 1).abs().max()))
+    record.append({"worst_norm_error": worst, "bf16_mismatches": mismatched})
+
+
+def _train(argv, check=False):
+    from megatron_flash import pretrain
+    from megatron_flash.training import arguments
+
+    args = arguments.parse_args(argv, world_size=torch.distributed.get_world_size())
+    record = []
+    result = pretrain.train(args, step_callback=(lambda i, m, o: _check_step(i, m, o, record)) if check else None)
+    return {"losses": result["losses"], "checks": record, "iteration": result["iteration"]}
+
+
+def _run(extra, world=1, tp=1, pp=1, check=False, env=None):
+    results = run_distributed(_train, world_size=world, tensor_model_parallel_size=tp,
+                              pipeline_model_parallel_size=pp, args=(BASE + extra, check), env=env)
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _run(["--train-iters", "4"], check=True)[0]
+
+
+def test_loss_goes_down_on_mock_data():
+    losses = _run(["--train-iters", "30", "--lr", "1e-2"])[0]["losses"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+
+
+def test_weight_norm_holds_in_one_process(reference):
+    assert all(c["worst_norm_error"] < 1e-5 for c in reference["checks"]), reference["checks"]
+
+
+@pytest.mark.parametrize("world,tp,pp,extra", [
+    (2, 2, 1, ["--tensor-model-parallel-size", "2"]),
+    (2, 1, 2, ["--pipeline-model-parallel-size", "2"]),
+    (2, 1, 1, ["--use-distributed-optimizer"]),
+    (4, 2, 2, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"]),
+], ids=["tp2", "pp2", "dp2-distopt", "tp2xpp2-sp"])
+def test_layouts_follow_the_same_loss_trajectory(reference, world, tp, pp, extra):
+    results = _run(["--train-iters", "4"] + extra, world, tp, pp, check=True)
+    for r in results:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
+        assert all(c["worst_norm_error"] < 1e-5 for c in r["checks"]), r["checks"]
+
+
+def test_bf16_distributed_optimizer_keeps_model_params_equal_to_rounded_main_params():
+    results = _run(["--train-iters", "3", "--bf16", "--use-distributed-optimizer"], world=2, check=True)
+    for r in results:
+        assert all(c["bf16_mismatches"] == 0 for c in r["checks"]), r["checks"]
+        assert all(c["worst_norm_error"] < 1e-5 for c in r["checks"]), r["checks"]
+
+
+def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path):
+    full = _run(["--train-iters", "6"])[0]["losses"]
+    ckpt = str(tmp_path / "ckpt")
+    first = _run(["--train-iters", "6", "--save", ckpt, "--exit-interval", "3"])[0]
+    assert first["iteration"] == 3
+    second = _run(["--train-iters", "6", "--save", ckpt, "--load", ckpt])[0]
+    assert second["iteration"] == 6
+    torch.testing.assert_close(torch.tensor(first["losses"] + second["losses"]), torch.tensor(full),
+                               rtol=1e-6, atol=0)
+
+
+def test_distributed_optimizer_checkpoint_resumes_and_reshards(tmp_path):
+    """Saved at TP=2 x DP=2 with the distributed optimizer, resumed in one process: same losses as never stopping."""
+    full = _run(["--train-iters", "5"])[0]["losses"]
+    ckpt = str(tmp_path / "ckpt")
+    _run(["--train-iters", "5", "--save", ckpt, "--exit-interval", "2", "--tensor-model-parallel-size", "2",
+          "--use-distributed-optimizer"], world=4, tp=2)
+    resumed = _run(["--train-iters", "5", "--load", ckpt])[0]
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full[2:]), rtol=1e-5, atol=0)
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
+    from megatron_flash.training import checkpointing
+
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(RuntimeError):
+        _run(["--train-iters", "6", "--save", ckpt, "--save-interval", "2"],
+             env={checkpointing.CRASH_BEFORE_COMMIT_ENV: "4"})
+    assert checkpointing.latest_iteration(ckpt) == 2
+    assert os.path.isdir(os.path.join(ckpt, "iter_0000004.tmp"))
+    resumed = _run(["--train-iters", "6", "--save", ckpt, "--load", ckpt, "--save-interval", "2"])[0]
+    assert len(resumed["losses"]) == 4 and resumed["iteration"] == 6
+    assert checkpointing.latest_iteration(ckpt) == 6
+    assert not os.path.exists(os.path.join(ckpt, "iter_0000004.tmp"))
