@@ -73,7 +73,8 @@ def plain_mamba2(w: dict, u: torch.Tensor, head_dim: int, state_dim: int, groups
     inner = w["out_proj"].shape[1]
     heads = inner // head_dim
     z, xbc, dt = (u @ w["in_proj"].t()).split([inner, inner + 2 * groups * state_dim, heads], dim=-1)
-    conv = F.conv1d(xbc.transpose(1, 2), w["conv_weight"][:, None], w["conv_bias"], padding=w["conv_weight"].shape[1] - 1,
+    kernel = w["conv_weight"].shape[1]
+    conv = F.conv1d(xbc.transpose(1, 2), w["conv_weight"][:, None], w["conv_bias"], padding=kernel - 1,
                     groups=xbc.shape[-1])[..., :seq]
     x, B, C = F.silu(conv).transpose(1, 2).split([inner, groups * state_dim, groups * state_dim], dim=-1)
     y, _ = ssd_reference(x.reshape(batch, seq, heads, head_dim), F.softplus(dt + w["dt_bias"]), -torch.exp(w["A_log"]),
@@ -202,7 +203,8 @@ def test_tp2_matches_single_process(single_process, tp2, sequence_parallel):
             for name, value in want.items():
                 # params: identical init at every TP size; the rest to fp64 reduction-order rounding
                 tol = dict(rtol=0, atol=0) if name.startswith("param:") else dict(rtol=1e-10, atol=1e-12)
-                torch.testing.assert_close(got[name], value, **tol, msg=lambda m, n=name: f"{case} {n} rank {rank}: {m}")
+                torch.testing.assert_close(got[name], value, **tol,
+                                           msg=lambda m, n=name: f"{case} {n} rank {rank}: {m}")
 
 
 # --------------------------------------------------------------------------------------------------------------

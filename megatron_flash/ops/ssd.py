@@ -67,7 +67,8 @@ def _check_inputs(x, dt, A, Bm, Cm, D, initial_state, cu_seqlens) -> list[tuple[
         if batch != 1:
             raise ValueError(f"cu_seqlens needs batch size 1 (packed documents), got batch {batch}")
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
-            raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")
         edges = cu_seqlens.tolist()
         if len(edges) < 2 or edges[0] != 0 or edges[-1] != length or any(b < a for a, b in zip(edges, edges[1:])):
             raise ValueError(f"cu_seqlens {edges} must rise from 0 to the sequence length {length}")
@@ -187,7 +188,8 @@ def _ssd_chunks(x, dt, A, Bm, Cm, D, initial_state, chunk_doc, doc_first_chunk, 
     grouped = lambda t: t.view(b, g, k, *t.shape[2:])  # noqa: E731 - [b, H, ...] -> [b, G, H/G, ...]
 
     # 1. inside each chunk: y_l += sum_{s <= l} (C_l . B_s) exp(sum_{s<r<=l} a_r) x_s dt_s
-    scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)[:, :, :, None] * grouped(torch.exp(_segsum(log_decay))).permute(0, 3, 1, 2, 4, 5)
+    decay_within = grouped(torch.exp(_segsum(log_decay))).permute(0, 3, 1, 2, 4, 5)  # [b, c, G, H/G, l, s]
+    scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)[:, :, :, None] * decay_within
     y = torch.einsum("bcgkls,bcsgkp->bclgkp", scores, xdt)
 
     # 2. each chunk's own contribution to the state at its end
