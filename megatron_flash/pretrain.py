@@ -211,7 +211,8 @@ def train(args, step_callback=None) -> dict:
             save()
             progress.restart_timer()
     progress.close()
-    return {"iteration": iteration, "losses": losses, "skipped": skipped_total}
+    return {"iteration": iteration, "losses": losses, "skipped": skipped_total, "last_log": progress.last,
+            "flops_per_token": flops_per_iter * dist.get_world_size() / tokens_per_iter}
 
 
 def main(argv=None) -> int:

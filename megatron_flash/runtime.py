@@ -248,6 +248,7 @@ def initialize(
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device() if use_cuda else None,
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(

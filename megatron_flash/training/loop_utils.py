@@ -89,6 +89,7 @@ class ProgressLog:
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
         self._t0, self._iters, self._losses = time.perf_counter(), 0, []
+        self.last = {}  # the figures of the last console line (benchmarks read them)
 
     def restart_timer(self) -> None:
         """Leave evaluation and checkpoint time out of the throughput figures."""
@@ -116,6 +117,8 @@ class ProgressLog:
         self.scalar("throughput/tokens-per-second", tokens_per_s, iteration)
         self.scalar("throughput/mfu", mfu, iteration)
         self.scalar("memory/gib", memory_gib(), iteration)
+        self.last = {"iteration": iteration, "ms_per_iter": per_iter * 1000, "tokens_per_s": tokens_per_s,
+                     "mfu": mfu, "memory_gib": memory_gib(), "loss": avg_loss}
         if is_logging_rank():
             gn = f"{grad_norm:.3f}" if grad_norm is not None else "-"
             mfu_text = f"{mfu:.1%}" if math.isfinite(mfu) else "-"

@@ -1,0 +1,258 @@
+"""One-GPU benchmark suite: runtime on NCCL, per-layer cost at 1B shapes, 1B training throughput and baselines.
+
+    python benchmarks/gpu_suite.py [--sections runtime,layers,train,gpt,fla] [--out DIR] [--smoke]
+
+Each section writes its results to DIR/gpu_suite.json as soon as it finishes (a later failure or a time limit
+loses nothing), and a table is printed at the end. ``--smoke`` runs every section at toy sizes on the CPU, to
+check the script before spending GPU time. Results and commands go to docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+
+import torch
+
+SMOKE = False
+
+
+def out_path(args):
+    os.makedirs(args.out, exist_ok=True)
+    return os.path.join(args.out, "gpu_suite.json")
+
+
+def record(args, results, name, value):
+    results[name] = value
+    with open(out_path(args), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print(f"== {name}: {json.dumps(value, default=str)[:2000]}", flush=True)
+
+
+def cuda_time_ms(fn, warmup=2, iters=5):
+    """Median time of fn() in ms (CUDA events on GPU, wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+# --- sections -------------------------------------------------------------------------------------------------
+
+def section_runtime():
+    """The runtime on this machine's backend, running a megatron GPTModel (local spec) for a few steps."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+                            bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+                            gradient_accumulation_fusion=False, persist_layer_norm=False)
+    model = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=128, max_sequence_length=32).to(device())
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(), model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2), [ddp])
+    tokens = torch.randint(0, 128, (2, 33), device=device())
+    mask = torch.triu(torch.ones(1, 1, 32, 32, dtype=torch.bool, device=device()), 1)
+    losses = []
+    for _ in range(5):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        loss = ddp(tokens[:, :-1], torch.arange(32, device=device()).unsqueeze(0), mask, labels=tokens[:, 1:]).mean()
+        loss.backward()
+        ddp.finish_grad_sync()
+        opt.step()
+        losses.append(loss.item())
+    return {"backend": torch.distributed.get_backend(), "device": str(device()), "losses": losses}
+
+
+def section_layers():
+    """Forward+backward time and peak memory of each layer type at 1B shapes (batch 8 x 4096 tokens, bf16)."""
+    from megatron_flash.layers.base import MixerInputs
+    from megatron_flash.models import builder
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron_flash.models import specs
+
+    batch, seq = (2, 64) if SMOKE else (8, 4096)
+    preset = "tiny" if SMOKE else "nemotron_flash_1b"
+    rows = []
+    for char, name in (("F", "FFN (SwiGLU)"), ("A", "attention (GQA, SDPA)"), ("D", "DeltaNet"),
+                       ("M", "Mamba2")):
+        for backend in (["torch_compile", "torch"] if char == "M" else [None]):
+            spec = builder.resolve(preset, layer_pattern=char, params_dtype=torch.bfloat16, bf16=True,
+                                   **({"ssd_backend": backend} if backend else {}))
+            layer = build_module(specs.layer_spec(char), config=spec.config, layer_number=1).to(device())
+            rope = RotaryEmbedding(spec.config.kv_channels, 1.0)(seq).to(device())
+            x = torch.randn(seq, batch, spec.config.hidden_size, device=device(), dtype=torch.bfloat16,
+                            requires_grad=True)
+            inputs = MixerInputs(rotary_pos_emb=rope)
+
+            def step():
+                out = layer(x, inputs)
+                out.float().sum().backward()
+
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            ms = cuda_time_ms(step)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+            rows.append({"layer": name, "backend": backend or "default", "fwd_bwd_ms": round(ms, 2),
+                         "peak_gib": round(peak, 2), "tokens": batch * seq})
+            del layer, x
+    return rows
+
+
+def section_train(preset, micro_batch, iters=8):
+    """Our trainer (pretrain.train) on mock data: steady-state tokens/s, MFU and memory."""
+    from megatron_flash import pretrain
+    from megatron_flash.training import arguments
+
+    seq = 64 if SMOKE else 4096
+    argv = ["--mock-data", "--preset", "tiny" if SMOKE else preset, "--seq-length", str(seq),
+            "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch),
+            "--train-iters", str(iters), "--log-interval", str(iters // 2), "--eval-iters", "0",
+            "--lr", "1e-3", "--ssd-backend", "torch_compile"] + ([] if SMOKE else ["--bf16"])
+    args = arguments.parse_args(argv, world_size=1)
+    result = pretrain.train(args)
+    return {"preset": preset, "micro_batch": micro_batch, "seq": seq, **result["last_log"],
+            "flops_per_token": result["flops_per_token"],
+            "final_losses": result["losses"][-2:]}
+
+
+def section_gpt_baseline(micro_batch, iters=6):
+    """megatron-core GPTModel, local spec, at ~the 1B preset's parameter count: tokens/s and MFU (6N)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+    import torch.nn.functional as F
+
+    h, layers, vocab, seq = (64, 2, 512, 64) if SMOKE else (2048, 13, 131072, 4096)
+    cfg = TransformerConfig(num_layers=layers, hidden_size=h, num_attention_heads=max(4, h // 128),
+                            num_query_groups=max(1, h // 512), ffn_hidden_size=3 * h, gated_linear_unit=True,
+                            activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False,
+                            bf16=not SMOKE, params_dtype=torch.float32 if SMOKE else torch.bfloat16,
+                            bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+                            gradient_accumulation_fusion=False, persist_layer_norm=False,
+                            hidden_dropout=0.0, attention_dropout=0.0)
+    model = GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=vocab,
+                     max_sequence_length=seq, position_embedding_type="rope").to(device())
+    n_params = sum(p.numel() for p in model.parameters())
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=not SMOKE,
+                                                 params_dtype=cfg.params_dtype), [ddp])
+    tokens = torch.randint(0, vocab, (micro_batch, seq + 1), device=device())
+    mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device()), 1)
+    pos = torch.arange(seq, device=device()).unsqueeze(0)
+
+    def step():
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        ddp(tokens[:, :-1], pos, mask, labels=tokens[:, 1:]).float().mean().backward()
+        ddp.finish_grad_sync()
+        opt.step()
+
+    ms = cuda_time_ms(step, warmup=2, iters=iters)
+    tps = micro_batch * seq / (ms / 1000)
+    return {"params": n_params, "micro_batch": micro_batch, "ms_per_iter": ms, "tokens_per_s": tps,
+            "mfu_6N": 6 * n_params * tps / PEAK if PEAK else None,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+
+
+def section_fla_baseline(micro_batch, iters=6):
+    """fla's DeltaNetForCausalLM (12 blocks, hidden 2048, FFN 6144, tied 131072 vocab) in plain PyTorch with fused
+    AdamW: what flame users get."""
+    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+
+    h, layers, vocab, seq = (64, 2, 512, 64) if SMOKE else (2048, 12, 131072, 4096)
+    cfg = DeltaNetConfig(hidden_size=h, num_hidden_layers=layers, num_heads=max(1, h // 128),
+                         intermediate_size=3 * h, vocab_size=vocab, tie_word_embeddings=True,
+                         fuse_cross_entropy=False, fuse_linear_cross_entropy=False)
+    model = DeltaNetForCausalLM(cfg).to(device(), dtype=torch.float32 if SMOKE else torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.cuda.is_available())
+    tokens = torch.randint(0, vocab, (micro_batch, seq), device=device())
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        opt.step()
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    ms = cuda_time_ms(step, warmup=2, iters=iters)
+    tps = micro_batch * seq / (ms / 1000)
+    return {"params": n_params, "micro_batch": micro_batch, "ms_per_iter": ms, "tokens_per_s": tps,
+            "mfu_6N": 6 * n_params * tps / PEAK if PEAK else None,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+
+
+# --- driver ---------------------------------------------------------------------------------------------------
+
+def device():
+    from megatron_flash import runtime
+
+    return runtime.device()
+
+
+PEAK = 0.0
+
+
+def main():
+    global SMOKE, PEAK
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="runtime,layers,train,gpt,fla")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--train-micro-batch", type=int, default=2)
+    p.add_argument("--baseline-micro-batch", type=int, default=2)
+    args = p.parse_args()
+    SMOKE = args.smoke
+    from megatron_flash import runtime
+    from megatron_flash.training.loop_utils import peak_flops_per_second
+
+    runtime.initialize()
+    PEAK = peak_flops_per_second()
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "smoke": SMOKE, "peak_flops": PEAK}
+    sections = {
+        "runtime": section_runtime,
+        "layers": section_layers,
+        "train": lambda: section_train("nemotron_flash_1b", args.train_micro_batch),
+        "gpt": lambda: section_gpt_baseline(args.baseline_micro_batch),
+        "fla": lambda: section_fla_baseline(args.baseline_micro_batch),
+    }
+    for name in args.sections.split(","):
+        t = time.perf_counter()
+        try:
+            value = sections[name]()
+        except Exception as exc:  # noqa: BLE001 - keep going: one failure must not lose the other sections
+            value = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
+        if isinstance(value, dict):
+            value["section_seconds"] = round(time.perf_counter() - t, 1)
+        record(args, results, name, value)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    runtime.shutdown()
+
+
+if __name__ == "__main__":
+    main()
