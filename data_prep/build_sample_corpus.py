@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import sysconfig
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 KINDS = ("code", "docstrings", "docs")
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "lib-dynload", "idlelib/Icons"}

@@ -64,7 +64,9 @@ class Tokenizer(GPTTokenizer):
             backend = getattr(library.tokenizer, "_tokenizer", None)  # tokenizers.Tokenizer of a fast tokenizer
             if backend is None or library.include_special_tokens:
                 return lambda texts: [library.text_to_ids(t) for t in texts]
-            return lambda texts: [enc.ids for enc in backend.encode_batch(list(texts), add_special_tokens=False)]
+            # encode_batch_fast (tokenizers >= 0.20) skips computing character offsets, which ids do not need.
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return lambda texts: [enc.ids for enc in encode(list(texts), add_special_tokens=False)]
         if self.library == "sentencepiece":
             sp = library.tokenizer
             # megatron's SentencePieceTokenizer only deviates from plain encode() in legacy mode (special tokens

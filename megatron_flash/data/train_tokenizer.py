@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import sys
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from megatron_flash.data import inputs, records
 from megatron_flash.data.records import BLANK
