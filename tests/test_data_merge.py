@@ -10,6 +10,9 @@ from megatron_flash.data.indexed_output import AtomicIndexedWriter, is_complete
 from megatron_flash.data.merge import MergeError, check_mergeable, find_prefixes, main, merge
 from tests.test_data_fixtures import read_documents, tokenized_sample
 
+# Every test here may start tokenizer worker processes: never let one hang the suite.
+pytestmark = pytest.mark.timeout(120)
+
 
 def test_merge_concatenates_documents_in_the_given_order(tmp_path, capsys):
     prefixes = tokenized_sample("sp")

@@ -19,6 +19,9 @@ from megatron_flash.data.records import BadRecordError
 from tests.test_data_fixtures import (REPO, jsonl_texts, read_documents, sample_corpus, tokenizer, tokenizer_args,
                                       train_files)
 
+# Every test here may start tokenizer worker processes: never let one hang the suite.
+pytestmark = pytest.mark.timeout(120)
+
 
 def run_tool(*args):
     return preprocess.main([*map(str, args), "--no-progress-bar"])

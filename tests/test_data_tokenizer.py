@@ -10,6 +10,9 @@ from megatron_flash.data.tokenizer import NO_PAD_ID, TokenizerError, build_token
 from megatron_flash.data.train_tokenizer import main as train_main
 from tests.test_data_fixtures import VOCAB_SIZE, hf_tokenizer_dir, jsonl_texts, sample_corpus, sp_model, tokenizer
 
+# Every test here may start tokenizer worker processes: never let one hang the suite.
+pytestmark = pytest.mark.timeout(120)
+
 SAMPLES = [
     "def f(x):\n    return x ** 2  # square\n",
     "\tTabs,  double  spaces\n\n\nand blank lines ",

@@ -173,7 +173,8 @@ def build_pretraining_datasets(
     """(train, valid, test) datasets; a split that is not requested (or not built on this rank) is None.
 
     Args:
-        data_path: Megatron blend list (``["0.3", "prefixA", "0.7", "prefixB"]``, or prefixes only, or one prefix).
+        data_path: Megatron blend list (``["0.3", "prefixA", "0.7", "prefixB"]``, or prefixes only, or one prefix);
+            a string is split on whitespace, like the file of Megatron-LM's ``--data-args-path``.
         split: Megatron split string for ``data_path``, e.g. ``"99,1,0"``; not used with per-split data args.
         seq_length: tokens per sample; each sample carries ``seq_length + 1`` tokens (inputs and shifted labels).
         tokenizer: a :class:`megatron_flash.data.tokenizer.Tokenizer` (or any megatron tokenizer).
