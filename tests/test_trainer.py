@@ -118,3 +118,68 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     assert len(resumed["losses"]) == 4 and resumed["iteration"] == 6
     assert checkpointing.latest_iteration(ckpt) == 6
     assert not os.path.exists(os.path.join(ckpt, "iter_0000004.tmp"))
+
+
+def test_loss_goes_down_on_real_text(tmp_path):
+    import json
+
+    from tests import test_data_fixtures as fx
+
+    prefixes = fx.tokenized_sample("hf")
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": ["0.5", prefixes["train0"], "0.5", prefixes["train1"]],
+                                  "valid": [prefixes["valid"]]}))
+    argv = ["--per-split-data-args-path", str(splits), "--tokenizer-type", "HuggingFaceTokenizer",
+            "--tokenizer-model", fx.hf_tokenizer_dir(), "--seq-length", "64", "--micro-batch-size", "4",
+            "--train-iters", "40", "--lr", "5e-3", "--lr-warmup-iters", "2", "--eval-interval", "40",
+            "--eval-iters", "2", "--log-interval", "100", "--tensorboard-dir", str(tmp_path / "tb")]
+    result = run_distributed(_train, world_size=1, args=(argv, False))[0]
+    losses = result["losses"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    events = [f for f in os.listdir(tmp_path / "tb") if f.startswith("events.out.tfevents")]
+    assert events, "no TensorBoard event file written"
+
+
+# --- flags ------------------------------------------------------------------------------------------------------
+
+def _parse(argv, world=1):
+    from megatron_flash.training import arguments
+
+    return arguments.parse_args(argv, world_size=world)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mock-data"], "exactly one of --train-iters and --train-tokens"),
+    (["--mock-data", "--train-iters", "5", "--train-tokens", "100"], "exactly one of --train-iters"),
+    (["--train-iters", "5"], "exactly one of --data-path"),
+    (["--mock-data", "--train-iters", "5", "--sequence-parallel"], "needs --tensor-model-parallel-size"),
+    (["--mock-data", "--train-iters", "5", "--global-batch-size", "3", "--micro-batch-size", "2"],
+     "not divisible"),
+    (["--mock-data", "--train-iters", "5", "--pattern", "DFQ"], "position 2"),
+    (["--mock-data", "--train-iters", "5", "--no-such-flag"], "invalid command line"),
+    (["--mock-data", "--train-iters", "5", "--min-lr", "1", "--lr", "0.1"], "above --lr"),
+])
+def test_bad_flags_are_clear_errors(argv, message):
+    from megatron_flash.training import arguments
+
+    with pytest.raises(arguments.ArgumentError, match=message):
+        _parse(argv)
+
+
+def test_yaml_config_with_command_line_override(tmp_path):
+    from megatron_flash.training import arguments
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("mock-data: true\ntrain_iters: 7\nlr: 0.01\nmicro-batch-size: 2\n")
+    args = _parse(["--config", str(cfg), "--lr", "0.002"], world=2)
+    assert (args.mock_data, args.train_iters, args.lr, args.micro_batch_size) == (True, 7, 0.002, 2)
+    assert args.global_batch_size == 4 and args.num_microbatches == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mock-data: true\nlearning_rate: 0.1\n")
+    with pytest.raises(arguments.ArgumentError, match=r"bad.yaml: unknown key 'learning_rate'"):
+        _parse(["--config", str(bad), "--train-iters", "3"])
+
+
+def test_train_tokens_sets_the_iteration_count():
+    args = _parse(["--mock-data", "--train-tokens", "1000", "--seq-length", "100", "--micro-batch-size", "2"])
+    assert args.train_iters == 5
