@@ -22,6 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_flash import flops, runtime
 from megatron_flash.models import builder, specs
+from megatron_flash.models.packing import document_boundaries_from_eod
 from megatron_flash.training import arguments, checkpointing
 from megatron_flash.training.loop_utils import (ExitSignal, ProgressLog, broadcast_from_last_rank,
                                                 is_logging_rank, microbatches, peak_flops_per_second)
@@ -97,10 +98,18 @@ def build_data(args, seed: int):
     return tokenizer, train, valid
 
 
-def forward_step(model, data_iterator, ddp_model):
-    """megatron schedule callback: one micro-batch -> (per-token losses, loss reduction)."""
+def forward_step(eod, data_iterator, ddp_model):
+    """megatron schedule callback: one micro-batch -> (per-token losses, loss reduction).
+
+    With ``eod`` (--reset-attention-mask) the micro-batch is one packed row whose documents end at EOD tokens.
+    """
     batch = next(data_iterator)
-    losses = ddp_model(batch["tokens"], labels=batch["labels"])
+    if eod is None:
+        losses = ddp_model(batch["tokens"], labels=batch["labels"])
+    else:
+        batch = {k: v.reshape(1, -1) for k, v in batch.items()}
+        losses = ddp_model(batch["tokens"], labels=batch["labels"],
+                           document_boundaries=document_boundaries_from_eod(batch["tokens"], eod))
 
     def loss_func(output):
         mask = batch["loss_mask"].float()
@@ -112,8 +121,9 @@ def forward_step(model, data_iterator, ddp_model):
 
 def run_batches(args, ddp, dataset, first_sample: int, forward_only: bool) -> float:
     """Forward (and backward) over one global batch; returns the batch's mean loss on every rank."""
+    eod = dataset.config.tokenizer.eod if args.reset_attention_mask else None
     results = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, None), model=[ddp],
+        forward_step_func=partial(forward_step, eod), model=[ddp],
         data_iterator=microbatches(dataset, first_sample, args.micro_batch_size, args.num_microbatches),
         num_microbatches=args.num_microbatches, seq_length=args.seq_length + ddp.module.num_meta_tokens,
         micro_batch_size=args.micro_batch_size, forward_only=forward_only)

@@ -124,3 +124,28 @@ def test_layouts_give_the_same_loss_and_gradients(single_process, tp, pp, sp):
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6,
                                    msg=lambda m, n=name: f"gradient of {n}: {m}")
+
+
+# --- packed documents -------------------------------------------------------------------------------------------
+
+def _packed_vs_separate():
+    from megatron_flash.models import builder, packing
+
+    spec = builder.resolve("tiny", layer_pattern="DFMFSFAF", sliding_window=5, use_cpu_initialization=True)
+    model = builder.build_model(spec, 64)
+    lengths = [11, 1, 23, 9]
+    docs = [torch.randint(0, spec.vocab_size, (1, n + 1), generator=torch.Generator().manual_seed(n))
+            for n in lengths]
+    separate = torch.cat([model(d[:, :-1], labels=d[:, 1:]) for d in docs], dim=1)
+    packed_in = torch.cat([d[:, :-1] for d in docs], dim=1)
+    packed_labels = torch.cat([d[:, 1:] for d in docs], dim=1)
+    cu = torch.tensor([0] + list(torch.cumsum(torch.tensor(lengths), 0)), dtype=torch.int32)
+    packed = model(packed_in, labels=packed_labels, document_boundaries=cu)
+    eod_cu = packing.document_boundaries_from_eod(torch.tensor([[5, 2, 7, 2], [1, 1, 2, 3]]), eod=2)
+    return separate, packed, eod_cu
+
+
+def test_packed_documents_equal_separate_runs():
+    separate, packed, eod_cu = run_distributed(_packed_vs_separate, world_size=1)[0]
+    torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-5)
+    assert eod_cu.tolist() == [0, 2, 4, 7, 8]

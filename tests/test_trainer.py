@@ -183,3 +183,8 @@ def test_yaml_config_with_command_line_override(tmp_path):
 def test_train_tokens_sets_the_iteration_count():
     args = _parse(["--mock-data", "--train-tokens", "1000", "--seq-length", "100", "--micro-batch-size", "2"])
     assert args.train_iters == 5
+
+
+def test_training_with_document_masking_runs_and_learns():
+    losses = _run(["--train-iters", "12", "--lr", "1e-2", "--reset-attention-mask"])[0]["losses"]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses

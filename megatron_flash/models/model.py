@@ -12,9 +12,9 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.enums import ModelType
-from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_flash.layers.base import MixerInputs
+from megatron_flash.models import packing
 from megatron_flash.models.stack import HybridStack
 
 # Initialization streams of the non-layer parameters (layers use their index; see NemotronFlashConfig.init_rng).
@@ -87,8 +87,10 @@ class NemotronFlashModel(LanguageModule):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, packed) -> torch.Tensor:
         tokens = self.embedding(input_ids, position_ids=None)  # [s, b, h]
+        if packed is not None:
+            return packing.expand(tokens, self.meta_tokens, packed)
         meta = self.meta_tokens.to(tokens.dtype).unsqueeze(1).expand(-1, tokens.shape[1], -1)
         hidden = torch.cat([meta, tokens], dim=0)
         if self.config.sequence_parallel:
@@ -112,12 +114,22 @@ class NemotronFlashModel(LanguageModule):
 
     def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
-                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
-        if packed_seq_params is not None:
-            raise NotImplementedError("packed documents are not supported by NemotronFlashModel yet")
-        total_len = self.num_meta_tokens + input_ids.shape[1]
-        inputs = MixerInputs(attention_mask=attention_mask, rotary_pos_emb=self.rotary_pos_emb(total_len))
-        hidden = self._embed(input_ids) if self.pre_process else None
+                document_boundaries: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``document_boundaries``: cu_seqlens of packed documents in a [1, T] row (see models/packing.py);
+        each document is then computed as if alone, with its own meta tokens."""
+        packed = None
+        if document_boundaries is not None:
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"packed documents need a batch of one row, got {input_ids.shape[0]}")
+            if self.config.sequence_parallel:
+                raise ValueError("packed documents are not supported with sequence parallelism yet")
+            packed = packing.layout(document_boundaries, self.num_meta_tokens)
+            rope_len = packed.params.max_seqlen_q
+        else:
+            rope_len = self.num_meta_tokens + input_ids.shape[1]
+        inputs = MixerInputs(attention_mask=attention_mask, rotary_pos_emb=self.rotary_pos_emb(rope_len),
+                             packed_seq_params=packed.params if packed is not None else None)
+        hidden = self._embed(input_ids, packed) if self.pre_process else None
         hidden = self.decoder(hidden, inputs)
         if not self.post_process:
             return hidden
@@ -125,7 +137,7 @@ class NemotronFlashModel(LanguageModule):
             # Every rank then holds the same full sequence; the backward takes each rank's slice of the
             # (identical) gradient instead of summing it, since the output layer already all-reduces.
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-        hidden = hidden[self.num_meta_tokens:]
+        hidden = packing.text_only(hidden, packed) if packed is not None else hidden[self.num_meta_tokens:]
         logits, _ = self.output_layer(hidden, weight=self.output_weight())
         logits = self._mask_vocab_padding(logits)
         if labels is None:

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", help="tokenizer folder / tokenizer.json / SentencePiece .model")
     g.add_argument("--vocab-size", type=int, help="vocabulary for --mock-data (default: the preset's)")
     g.add_argument("--data-cache-path", help="folder for megatron's dataset index cache")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="documents (ended by EOD) do not see each other: each is computed as if alone, with its "
+                        "own meta tokens (needs pipeline size 1 and no sequence parallelism)")
     g.add_argument("--reset-data-position", action="store_true",
                    help="on resume, start the data from the beginning (e.g. a new phase's blend)")
 
@@ -168,6 +171,9 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     for flag in ("micro_batch_size", "seq_length", "log_interval", "eval_interval", "save_interval"):
         if getattr(args, flag) < 1:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.reset_attention_mask and (pp > 1 or args.sequence_parallel):
+        raise ArgumentError("--reset-attention-mask needs --pipeline-model-parallel-size 1 and no "
+                            "--sequence-parallel (packed rows change length with the number of documents)")
     if args.min_lr > args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
     if args.lr_warmup_iters > args.train_iters:
