@@ -237,7 +237,7 @@ class _Progress:
     def __init__(self, total_bytes: Optional[int], log_interval: int, enabled: Optional[bool]):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing",
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing",
                         disable=(not enabled) if enabled is not None else None, dynamic_ncols=True)
         self.log_interval = max(1, log_interval)
         self.start = time.monotonic()
