@@ -122,5 +122,8 @@ def test_inside_an_initialized_job_with_cache(tmp_path):
         for i in (0, 5, 23):
             assert numpy.array_equal(first[i]["tokens"].numpy(), second[i]["tokens"].numpy())
         _check_sample(second, 23, _concat([prefixes["train0"], prefixes["train1"]]))
+        everywhere, _, _ = build_pretraining_datasets(blend, "80,20,0", SEQ, tokenizer("sp"), 7, [24, 4, 0],
+                                                      path_to_cache=str(cache), build_on_every_rank=True)
+        assert numpy.array_equal(everywhere[5]["tokens"].numpy(), first[5]["tokens"].numpy())
     finally:
         dist.destroy_process_group()

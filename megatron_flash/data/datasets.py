@@ -16,7 +16,8 @@ anything is built, with errors that name the offending prefix or argument:
 Distributed use. megatron builds on the ranks where ``is_built_on_rank()`` is true and synchronises with barriers,
 so every rank must call this function. Here that is: every rank without torch.distributed or without megatron's
 model-parallel groups; with them, tensor-parallel rank 0 of the first and last pipeline stages (the ranks that feed
-tokens and labels), as in Megatron-LM's ``pretrain_gpt.py``; the other ranks get ``None`` datasets.
+tokens and labels), as in Megatron-LM's ``pretrain_gpt.py``; the other ranks get ``None`` datasets, unless
+``build_on_every_rank=True`` (a trainer that reads samples on every rank instead of broadcasting them).
 
 Cache. megatron caches each dataset's sample indices (``.npy``) in ``path_to_cache``; when it is None, GPTDataset
 writes them to ``<prefix>/cache/GPTDataset_indices/`` next to the data (a folder named after the prefix), which
