@@ -43,8 +43,10 @@ def resolve(preset: str = "tiny", pattern: str | None = None, **overrides) -> Mo
 
 
 def build_model(spec: ModelSpec, max_sequence_length: int, use_te: bool = False) -> NemotronFlashModel:
-    """This rank's part of the model (pipeline stage from parallel_state)."""
-    return NemotronFlashModel(
+    """This rank's part of the model (pipeline stage from parallel_state), on this rank's GPU when there is one."""
+    model = NemotronFlashModel(
         spec.config, spec.vocab_size, max_sequence_length,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=spec.tie_embeddings, use_te=use_te)
+    # Parameters megatron does not allocate itself (norms, meta tokens, SSM scalars) start on the CPU.
+    return model.cuda(torch.cuda.current_device()) if torch.cuda.is_available() else model
