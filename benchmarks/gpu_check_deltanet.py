@@ -12,6 +12,10 @@ backward (dq, dk, dv, dbeta, dh0), at B=2 T=1000 H=4 d=128 and for packed docume
 DeltaNetMixer (fla kernels) against fla.layers.DeltaNet loaded with the same weights: output, input gradient and
 weight gradients. Exits with status 1 when an error exceeds its bound (see TOLERANCE).
 
+On a fresh machine Triton compiles and autotunes fla's kernels for every new shape and variant (varlen, initial
+state): this took ~2 minutes per accuracy case on an H100, so give the whole script ~15 minutes, or run it as two
+back-to-back commands (``--skip-timing``, then ``--skip-accuracy``; Triton's on-disk cache carries over).
+
 Timing: forward + backward with CUDA events, after warm-up, median of repeats; peak memory is the most allocated
 during one step beyond what was allocated before it (activations and gradients, not weights or inputs).
 """
@@ -92,7 +96,9 @@ def op_inputs(batch, length, heads, head_dim, device, documents=None, seed=0):
 
 def run_op(fn, inputs, dtype):
     """Forward + backward of one implementation on the given inputs cast to dtype; returns outputs and grads."""
-    leaves = {n: inputs[n].to(dtype).requires_grad_() for n in ("q", "k", "v", "beta")}
+    # fresh leaves per run: .to(dtype) of a tensor already in dtype is the same object, and its .grad would
+    # accumulate across implementations
+    leaves = {n: inputs[n].detach().clone().to(dtype).requires_grad_() for n in ("q", "k", "v", "beta")}
     if inputs["h0"] is not None:
         leaves["h0"] = inputs["h0"].clone().requires_grad_()
     o, final = fn(leaves)

@@ -30,9 +30,10 @@ def _inputs(batch, length, dtype=torch.float64, seed=0, with_state=False, states
 def _vjp(o, final, seed=1):
     """A scalar that weights every output and final-state element differently, so gradients are all exercised."""
     g = torch.Generator().manual_seed(seed)  # drawn in fp64 whatever the dtypes, so both sides get the same weights
-    loss = (o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)).sum()
+    loss = (o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype)).sum()
     if final is not None:
-        loss = loss + (final * torch.randn(final.shape, generator=g, dtype=torch.float64).to(final.dtype)).sum()
+        weights = torch.randn(final.shape, generator=g, dtype=torch.float64).to(final.device, final.dtype)
+        loss = loss + (final * weights).sum()
     return loss
 
 
