@@ -157,14 +157,14 @@ def make_mixer(hidden, heads, head_dim, backend, device):
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_flash.config import make_config
-    from megatron_flash.layers.deltanet import get_deltanet_spec
+    from megatron_flash.models.specs import mixer_spec
 
     on_gpu = device.type == "cuda"
     config = make_config(hidden_size=hidden, ffn_hidden_size=4 * hidden, num_attention_heads=heads,
                          num_query_groups=heads, layer_pattern="D", deltanet_head_dim=head_dim,
                          params_dtype=torch.bfloat16 if on_gpu else torch.float32, bf16=on_gpu,
                          use_cpu_initialization=not on_gpu, delta_rule_backend=backend)
-    return build_module(get_deltanet_spec(), config=config, layer_number=1)
+    return build_module(mixer_spec("D"), config=config, layer_number=1)
 
 
 def layer_accuracy(params: dict, device) -> list[dict]:

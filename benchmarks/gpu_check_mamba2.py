@@ -174,7 +174,7 @@ def _timed(rows, name, backend, mode, step, device, cfg):
 def timings(cfg, device) -> list[dict]:
     from megatron_flash.config import make_config
     from megatron_flash.layers.base import MixerInputs
-    from megatron_flash.layers.mamba2 import get_mamba2_spec
+    from megatron_flash.models.specs import mixer_spec
     from megatron.core.transformer.spec_utils import build_module
 
     L = cfg["layer"]
@@ -207,7 +207,7 @@ def timings(cfg, device) -> list[dict]:
                          num_query_groups=4, layer_pattern="M", mamba_head_dim=L["head_dim"],
                          mamba_state_dim=L["state_dim"], mamba_chunk_size=L["chunk"], params_dtype=torch.bfloat16,
                          bf16=True, use_cpu_initialization=device.type != "cuda")
-    mixer = build_module(get_mamba2_spec(), config=config, layer_number=1).to(device)
+    mixer = build_module(mixer_spec("M"), config=config, layer_number=1).to(device)
     x = torch.randn(L["length"], L["batch"], L["hidden"], device=device, dtype=torch.bfloat16, requires_grad=True)
     dout = torch.randn_like(x)
     for backend, mode in backends:

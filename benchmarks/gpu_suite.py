@@ -115,7 +115,6 @@ def section_layers():
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
             rows.append({"layer": name, "backend": backend or "default", "fwd_bwd_ms": round(ms, 2),
                          "peak_gib": round(peak, 2), "tokens": batch * seq})
-            del layer, x
     return rows
 
 

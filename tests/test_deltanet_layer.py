@@ -33,9 +33,9 @@ def _config(**overrides):
 def _mixer(config):
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_flash.layers.deltanet import get_deltanet_spec
+    from megatron_flash.models.specs import mixer_spec
 
-    return build_module(get_deltanet_spec(), config=config, layer_number=1)
+    return build_module(mixer_spec("D"), config=config, layer_number=1)
 
 
 def _case_inputs(packed):

@@ -27,12 +27,12 @@ def _config(sequence_parallel=False, **overrides):
 def _build(config):
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_flash.layers.mamba2 import get_mamba2_spec
+    from megatron_flash.models.specs import mixer_spec
 
     # use_cpu_initialization draws from the default generator only: the same seed gives the same model in any
     # process and at any TP size, whatever ran before
     torch.manual_seed(0)
-    return build_module(get_mamba2_spec(), config=config, layer_number=1)
+    return build_module(mixer_spec("M"), config=config, layer_number=1)
 
 
 def _packed_inputs(bounds):

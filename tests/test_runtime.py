@@ -83,7 +83,6 @@ def _full_named_grads_or_params(model, use_grads):
 
 
 def _train_steps(steps, use_ddp_optimizer):
-    from functools import partial
 
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

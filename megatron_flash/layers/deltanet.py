@@ -29,8 +29,6 @@ from typing import Optional, Union
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.layers import (
-    ColumnParallelLinear,
-    RowParallelLinear,
     _initialize_affine_weight_cpu,
     set_tensor_model_parallel_attributes,
 )
@@ -52,12 +50,6 @@ from megatron_flash.ops.short_conv import causal_conv1d
 class DeltaNetSubmodules:
     in_proj: Union[ModuleSpec, type] = None
     out_proj: Union[ModuleSpec, type] = None
-
-
-def get_deltanet_spec() -> ModuleSpec:
-    """The local (non-Transformer-Engine) spec: megatron's own column/row-parallel linears."""
-    return ModuleSpec(module=DeltaNetMixer,
-                      submodules=DeltaNetSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear))
 
 
 def _conv_init(weight: torch.Tensor) -> None:

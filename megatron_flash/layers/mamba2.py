@@ -42,11 +42,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.tensor_parallel.layers import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    set_tensor_model_parallel_attributes,
-)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -73,12 +69,6 @@ REPLICATED_PARAMS = ("bc_proj_weight", "conv_bc_weight", "conv_bc_bias")
 class Mamba2Submodules:
     in_proj: Union[ModuleSpec, type] = None
     out_proj: Union[ModuleSpec, type] = None
-
-
-def get_mamba2_spec() -> ModuleSpec:
-    """The local (non-Transformer-Engine) spec: megatron's own column/row-parallel linears."""
-    return ModuleSpec(module=Mamba2Mixer,
-                      submodules=Mamba2Submodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear))
 
 
 # --------------------------------------------------------------------------------------------------------------
