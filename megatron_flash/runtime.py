@@ -57,7 +57,9 @@ def read_distributed_env(environ=None) -> DistributedEnv:
     else:
         rank, world, local = 0, 1, 0
     addr = env.get("MASTER_ADDR") or _first_slurm_host(env) or "127.0.0.1"
-    port = int(env.get("MASTER_PORT") or _slurm_port(env) or 29500)
+    # A single process needs no agreed port: take a free one, so several single-process jobs can run side by side.
+    default_port = 29500 if world > 1 else free_port()
+    port = int(env.get("MASTER_PORT") or _slurm_port(env) or default_port)
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside world size {world}: check RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS")
     return DistributedEnv(rank, world, local, addr, port)
