@@ -22,7 +22,6 @@ is its TP shard (checkpoints reshard by plain splits):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -43,19 +42,13 @@ from megatron.core.transformer.utils import (
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, mark_weight_norm
 from megatron_flash.ops.delta_rule import delta_rule
-from megatron_flash.ops.short_conv import causal_conv1d
+from megatron_flash.ops.short_conv import causal_conv1d, conv_init_
 
 
 @dataclass
 class DeltaNetSubmodules:
     in_proj: Union[ModuleSpec, type] = None
     out_proj: Union[ModuleSpec, type] = None
-
-
-def _conv_init(weight: torch.Tensor) -> None:
-    """nn.Conv1d's default for a depthwise conv: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(K), 1/sqrt(K)), fan_in = K."""
-    bound = 1.0 / math.sqrt(weight.shape[-1])
-    torch.nn.init.uniform_(weight, -bound, bound)
 
 
 class DeltaNetMixer(MegatronModule):
@@ -105,12 +98,15 @@ class DeltaNetMixer(MegatronModule):
             if self.config.use_cpu_initialization:
                 full_channels = self.heads * 3 * self.head_dim
                 _initialize_affine_weight_cpu(
-                    self.conv_weight, full_channels, self.conv_kernel, self.conv_weight.shape[0], 0, _conv_init,
+                    self.conv_weight, full_channels, self.conv_kernel, self.conv_weight.shape[0], 0, self._conv_init,
                     params_dtype=self.config.params_dtype, rank=self.tp_group.rank(), world_size=self.tp_group.size(),
                     skip_set_tensor_parallel_attributes=True)
             else:
                 with get_cuda_rng_tracker().fork():
-                    _conv_init(self.conv_weight)
+                    self._conv_init(self.conv_weight)
+
+    def _conv_init(self, weight: torch.Tensor) -> None:
+        conv_init_(weight, self.conv_kernel)
 
     def forward(self, hidden_states: torch.Tensor, inputs: Optional[MixerInputs] = None) -> torch.Tensor:
         d, heads = self.head_dim, self.heads_local

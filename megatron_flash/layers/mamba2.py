@@ -53,7 +53,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, mark_weight_norm
-from megatron_flash.ops.short_conv import causal_conv1d
+from megatron_flash.ops.short_conv import causal_conv1d, conv_init_
 from megatron_flash.ops.ssd import ssd_scan
 
 # mamba_ssm / megatron MambaMixer initialization constants
@@ -74,13 +74,6 @@ class Mamba2Submodules:
 # --------------------------------------------------------------------------------------------------------------
 # Initializers (mamba_ssm's), each applied to a whole tensor
 # --------------------------------------------------------------------------------------------------------------
-
-
-def conv_init_(weight: torch.Tensor, kernel: int) -> None:
-    """nn.Conv1d's default for a depthwise conv, weight [C, K] and bias [C] alike: kaiming_uniform_(a=sqrt(5)) with
-    fan_in = K, i.e. U(-1/sqrt(K), 1/sqrt(K))."""
-    bound = 1.0 / math.sqrt(kernel)
-    torch.nn.init.uniform_(weight, -bound, bound)
 
 
 def dt_bias_init_(t: torch.Tensor) -> None:

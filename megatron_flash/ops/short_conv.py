@@ -11,6 +11,8 @@ Backends: ``fla`` (fla's Triton kernel, CUDA tensors), ``torch`` (F.conv1d, any 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +20,13 @@ try:  # fla's Triton kernel: used for CUDA tensors when installed
     from fla.modules.causal_conv1d import causal_conv1d as _fla_causal_conv1d
 except ImportError:  # pragma: no cover - fla is an optional (gpu) dependency
     _fla_causal_conv1d = None
+
+
+def conv_init_(tensor: torch.Tensor, kernel: int) -> None:
+    """nn.Conv1d's default initialization for a depthwise conv's weight [C, K] or bias [C]:
+    kaiming_uniform_(a=sqrt(5)) with fan_in = K, i.e. U(-1/sqrt(K), 1/sqrt(K))."""
+    bound = 1.0 / math.sqrt(kernel)
+    torch.nn.init.uniform_(tensor, -bound, bound)
 
 
 def _segments(cu_seqlens, batch, length):
