@@ -49,7 +49,10 @@ def build_model_and_optimizer(args, vocab_size: int):
         recompute_method="uniform" if args.recompute_activations else None,
         recompute_num_layers=1 if args.recompute_activations else None,
     )
-    model = builder.build_model(spec, args.seq_length, use_te=specs.te_available())
+    use_te = args.transformer_impl == "transformer_engine"
+    if use_te and not specs.te_available():
+        raise RuntimeError("--transformer-impl transformer_engine: Transformer Engine is not installed")
+    model = builder.build_model(spec, args.seq_length, use_te=use_te)
     if args.weight_norm:
         normalize_model_params([model], args.weight_norm_embeddings)
     ddp = DistributedDataParallel(spec.config, DistributedDataParallelConfig(

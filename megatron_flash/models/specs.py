@@ -43,8 +43,10 @@ def mixer_spec(char: str, use_te: bool = False) -> ModuleSpec:
     if char == "M":
         return ModuleSpec(module=Mamba2Mixer, submodules=Mamba2Submodules(in_proj=m["column"], out_proj=m["row"]))
     if char in "AS":
+        # Per-layer sliding windows are SDPAttention's (TE's window is one config value for every layer).
+        core = SDPAttention if char == "S" else m["core_attention"]
         return ModuleSpec(module=AttentionMixer, submodules=SelfAttentionSubmodules(
-            linear_qkv=m["column"], core_attention=m["core_attention"], linear_proj=m["row"]))
+            linear_qkv=m["column"], core_attention=core, linear_proj=m["row"]))
     if char == "F":
         return ModuleSpec(module=FFNMixer, submodules=MLPSubmodules(linear_fc1=m["column"], linear_fc2=m["row"]))
     raise ValueError(f"no mixer for layer character {char!r}")

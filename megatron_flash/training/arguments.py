@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssd-backend", default="auto", help="Mamba2 scan: auto, mamba_ssm, torch, torch_compile")
     g.add_argument("--delta-rule-backend", default="auto", help="DeltaNet: auto, fla, torch")
     g.add_argument("--recompute-activations", action="store_true", help="recompute each layer in backward")
+    g.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"],
+                   help="layer specs: local (megatron + torch SDPA) or Transformer Engine's linears, norms and "
+                        "attention (not yet exercised by our tests: no TE on our machines)")
     g.add_argument("--use-cpu-initialization", action="store_true",
                    help="initialize on the CPU, identically under any TP/PP layout (always on without a GPU)")
 
