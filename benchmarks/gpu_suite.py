@@ -118,7 +118,7 @@ def section_layers():
     return rows
 
 
-def section_train(preset, micro_batch, iters=8):
+def section_train(preset, micro_batch, iters=8, extra=()):
     """Our trainer (pretrain.train) on mock data: steady-state tokens/s, MFU and memory."""
     from megatron_flash import pretrain
     from megatron_flash.training import arguments
@@ -127,7 +127,7 @@ def section_train(preset, micro_batch, iters=8):
     argv = ["--mock-data", "--preset", "tiny" if SMOKE else preset, "--seq-length", str(seq),
             "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch),
             "--train-iters", str(iters), "--log-interval", str(iters // 2), "--eval-iters", "0",
-            "--lr", "1e-3", "--ssd-backend", "torch_compile"] + ([] if SMOKE else ["--bf16"])
+            "--lr", "1e-3", "--ssd-backend", "torch_compile"] + ([] if SMOKE else ["--bf16"]) + list(extra)
     args = arguments.parse_args(argv, world_size=1)
     result = pretrain.train(args)
     return {"preset": preset, "micro_batch": micro_batch, "seq": seq, **result["last_log"],
@@ -218,24 +218,36 @@ PEAK = 0.0
 def main():
     global SMOKE, PEAK
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="runtime,layers,train,gpt,fla")
+    p.add_argument("--sections", default="runtime,train,train_no_weight_norm,layers,gpt,fla",
+                   help="comma-separated; each runs in its own process so one cannot starve the next of memory")
+    p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--train-micro-batch", type=int, default=2)
-    p.add_argument("--baseline-micro-batch", type=int, default=2)
+    p.add_argument("--baseline-micro-batch", type=int, default=1)
     args = p.parse_args()
     SMOKE = args.smoke
+    if not args.in_process:
+        return run_sections_in_subprocesses(args)
     from megatron_flash import runtime
     from megatron_flash.training.loop_utils import peak_flops_per_second
 
     runtime.initialize()
     PEAK = peak_flops_per_second()
-    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "smoke": SMOKE, "peak_flops": PEAK}
+    results = {}
+    if os.path.exists(out_path(args)):
+        with open(out_path(args)) as f:
+            results = json.load(f)
+    results.update({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                    "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "smoke": SMOKE,
+                    "peak_flops": PEAK})
     sections = {
         "runtime": section_runtime,
         "layers": section_layers,
         "train": lambda: section_train("nemotron_flash_1b", args.train_micro_batch),
+        # the same without weight normalization: its overhead per iteration (paper: +4-7%)
+        "train_no_weight_norm": lambda: section_train("nemotron_flash_1b", args.train_micro_batch,
+                                                      extra=["--no-weight-norm"]),
         "gpt": lambda: section_gpt_baseline(args.baseline_micro_batch),
         "fla": lambda: section_fla_baseline(args.baseline_micro_batch),
     }
@@ -251,6 +263,19 @@ def main():
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     runtime.shutdown()
+
+
+def run_sections_in_subprocesses(args):
+    import subprocess
+    import sys
+
+    for name in args.sections.split(","):
+        cmd = [sys.executable, __file__, "--in-process", "--sections", name, "--out", args.out,
+               "--train-micro-batch", str(args.train_micro_batch),
+               "--baseline-micro-batch", str(args.baseline_micro_batch)] + (["--smoke"] if args.smoke else [])
+        code = subprocess.call(cmd)
+        if code:
+            print(f"== {name}: process exited with {code}", flush=True)
 
 
 if __name__ == "__main__":
