@@ -170,7 +170,11 @@ def _layout():
 # --- save / load ----------------------------------------------------------------------------------------------
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, common: dict, keep_last: int = 0):
-    """Write ``iter_{iteration}`` under ``root`` atomically; ``common`` holds args, data position, etc."""
+    """Write ``iter_{iteration}`` under ``root`` atomically; ``common`` holds args, data position, etc.
+
+    With ``optimizer`` and ``scheduler`` None the checkpoint holds the model only (``common["model_only"]``), as
+    written by tools/convert_from_hf.py: see :func:`load_checkpoint`.
+    """
     final, tmp = checkpoint_dir(root, iteration), checkpoint_dir(root, iteration) + ".tmp"
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
@@ -179,13 +183,18 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, comm
         os.makedirs(tmp)
     dist.barrier()
     model_sd = model.sharded_state_dict()
+    model_only = optimizer is None
+    if model_only != (scheduler is None):
+        raise ValueError("save_checkpoint: give both optimizer and scheduler, or neither (a model-only checkpoint)")
     state = {
         "model": model_sd,
-        "optimizer": optimizer_sharded_state(optimizer, model_sd),
         "rng": _rng_sharded(_rng_state()),
-        "common": {**common, "iteration": iteration, "adam_step": _adam_step(optimizer),
-                   "scheduler": scheduler.state_dict(), "layout": _layout()},
+        "common": {**common, "iteration": iteration, "adam_step": 0 if model_only else _adam_step(optimizer),
+                   "scheduler": None if model_only else scheduler.state_dict(), "layout": _layout(),
+                   "model_only": model_only},
     }
+    if not model_only:
+        state["optimizer"] = optimizer_sharded_state(optimizer, model_sd)
     dist_checkpointing.save(state, tmp)
     dist.barrier()
     if os.environ.get(CRASH_BEFORE_COMMIT_ENV) == str(iteration):
@@ -212,28 +221,40 @@ def _prune(root, keep_last, newest):
         shutil.rmtree(checkpoint_dir(root, iteration), ignore_errors=True)
 
 
-def load_checkpoint(root: str, model, optimizer=None, scheduler=None, load_rng: bool = True):
-    """Restore the latest checkpoint under ``root``; returns its ``common`` dict (None if there is none)."""
-    iteration = latest_iteration(root)
+def load_checkpoint(root: str, model, optimizer=None, scheduler=None, load_rng: bool = True, iteration=None):
+    """Restore the latest checkpoint under ``root`` (or ``iteration``); returns its ``common`` dict (None if there is
+    none).
+
+    A model-only checkpoint (``common["model_only"]``, e.g. from tools/convert_from_hf.py) restores the weights only:
+    ``optimizer`` keeps its fresh state, its main params are refreshed from the loaded weights, and ``scheduler``
+    and the RNG are left as they are, so training starts anew from those weights.
+    """
     if iteration is None:
-        return None
+        iteration = latest_iteration(root)
+        if iteration is None:
+            return None
     path = checkpoint_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint folder")
     try:
         common = dist_checkpointing.load_common_state_dict(path)["common"]
     except Exception as exc:  # noqa: BLE001 - report which checkpoint is unreadable
         raise CheckpointError(f"{path}: cannot read the checkpoint's common state: {exc}") from exc
+    model_only = bool(common.get("model_only"))
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd}
-    if optimizer is not None:
+    if optimizer is not None and not model_only:
         request["optimizer"] = optimizer_sharded_state(optimizer, model_sd, for_load=True)
     same_layout = common.get("layout") == _layout()
-    if load_rng and same_layout:
+    if load_rng and same_layout and not model_only:
         request["rng"] = _rng_sharded(None)
     loaded = dist_checkpointing.load(request, path)
     model.load_state_dict(loaded["model"])
-    if optimizer is not None:
+    if optimizer is not None and model_only:
+        optimizer.reload_model_params()  # fp32 main params (bf16 / distributed optimizer) from the loaded weights
+    elif optimizer is not None:
         _restore_optimizer(optimizer, loaded["optimizer"], model.sharded_state_dict(), common["adam_step"])
-    if scheduler is not None:
+    if scheduler is not None and not model_only:
         scheduler.load_state_dict(common["scheduler"])
     if "rng" in loaded:
         _set_rng_state(loaded["rng"])
