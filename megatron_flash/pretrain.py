@@ -147,7 +147,8 @@ def evaluate(args, ddp, valid, iteration: int) -> float:
 
 
 def train(args, step_callback=None) -> dict:
-    """Build everything, resume if possible, train; returns a summary (final iteration, losses).
+    """Build everything, resume if possible, train; returns a summary (final iteration, losses, last validation
+    loss or None).
 
     ``step_callback(iteration, model, optimizer)``, if given, runs after every iteration (tests check invariants
     there).
@@ -177,6 +178,7 @@ def train(args, step_callback=None) -> dict:
                            peak_flops_per_second())
     exit_signal = ExitSignal()
     skipped_in_a_row, skipped_total, losses = 0, 0, []
+    valid_loss = None
 
     def save():
         if args.save:
@@ -208,7 +210,7 @@ def train(args, step_callback=None) -> dict:
             step_callback(iteration, model, optimizer)
 
         if valid_data is not None and args.eval_iters and iteration % args.eval_interval == 0:
-            val = evaluate(args, ddp, valid_data, iteration)
+            val = valid_loss = evaluate(args, ddp, valid_data, iteration)
             progress.scalar("validation/lm-loss", val, iteration)
             progress.scalar("validation/perplexity", math.exp(min(val, 30)), iteration)
             log(f"validation at iteration {iteration}: loss {val:.4f} | perplexity {math.exp(min(val, 30)):.2f}")
@@ -224,7 +226,8 @@ def train(args, step_callback=None) -> dict:
             save()
             progress.restart_timer()
     progress.close()
-    return {"iteration": iteration, "losses": losses, "skipped": skipped_total, "last_log": progress.last,
+    return {"iteration": iteration, "losses": losses, "valid_loss": valid_loss, "skipped": skipped_total,
+            "last_log": progress.last,
             "flops_per_token": flops_per_iter * dist.get_world_size() / tokens_per_iter}
 
 
