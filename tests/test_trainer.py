@@ -158,6 +158,7 @@ def _parse(argv, world=1):
     (["--mock-data", "--train-iters", "5", "--pattern", "DFQ"], "position 2"),
     (["--mock-data", "--train-iters", "5", "--no-such-flag"], "invalid command line"),
     (["--mock-data", "--train-iters", "5", "--min-lr", "1", "--lr", "0.1"], "above --lr"),
+    (["--mock-data", "--train-iters", "5", "--lr-warmup-iters", "5"], "must be below the 5 decay"),
 ])
 def test_bad_flags_are_clear_errors(argv, message):
     from megatron_flash.training import arguments

@@ -179,8 +179,10 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
                             "--sequence-parallel (packed rows change length with the number of documents)")
     if args.min_lr > args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
-    if args.lr_warmup_iters > args.train_iters:
-        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds the {args.train_iters} iterations")
+    decay_iters = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters >= decay_iters:
+        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below the {decay_iters} decay "
+                            f"iterations (--lr-decay-iters, default --train-iters)")
     if args.save_interval and args.save is None and args.exit_interval:
         raise ArgumentError("--exit-interval saves before exiting: give --save")
     if args.load and not os.path.isdir(args.load) and args.load != args.save:
