@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--nproc", type=int, default=1,
                    help="trainer processes (torchrun when > 1): GPUs, or CPU processes (gloo)")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="preprocessing processes")
+    p.add_argument("--workers", type=int, default=1,
+                   help="preprocessing processes (one tokenizes a few MB in seconds)")
     p.add_argument("--skip-export", action="store_true", help="stop after training (no Hugging Face export)")
     p.add_argument("--force", action="store_true", help="redo every stage, even when its outputs are complete")
     p.add_argument("--show-warnings", action="store_true", help="do not hide the libraries' missing-kernel notices")
@@ -111,9 +112,10 @@ class Quickstart:
         except OSError as exc:
             raise QuickstartError(f"stage '{stage}': cannot start {cmd[0]}: {exc}") from None
         if rc != 0:
+            hint = " (--skip-export leaves the Hugging Face stages out)" if stage == "export" else ""
             raise QuickstartError(f"stage '{stage}' failed (exit status {rc}); its output is above. Command:\n  "
                                   f"{shlex.join(cmd)}\nFix the cause and rerun the quickstart: finished stages are "
-                                  "skipped.")
+                                  f"skipped{hint}.")
 
     def done(self, stage: str, params: dict) -> bool:
         """True when ``stage`` finished before with the same parameters (and --force is off)."""
@@ -183,8 +185,7 @@ class Quickstart:
             self.run("preprocess", [sys.executable, "tools/preprocess_data.py",
                                     "--input", os.path.join(self.corpus, f"{split}.jsonl"), "--output-prefix", prefix,
                                     "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", self.tokenizer,
-                                    "--append-eod", "--workers", str(self.args.workers if split == "train" else 1),
-                                    "--overwrite",
+                                    "--append-eod", "--workers", str(self.args.workers), "--overwrite",
                                     "--no-progress-bar"])
         self.mark_done("preprocess", params)
 
@@ -282,7 +283,8 @@ class Quickstart:
             tokenizer = AutoTokenizer.from_pretrained(self.hf, trust_remote_code=True)
             model = AutoModelForCausalLM.from_pretrained(self.hf, trust_remote_code=True, dtype=torch.float32)
         except Exception as exc:  # noqa: BLE001 - any load failure is reported with the folder
-            raise QuickstartError(f"stage 'generate': cannot load {self.hf} with transformers: {exc!r}") from exc
+            raise QuickstartError(f"stage 'generate': cannot load {self.hf} with transformers: {exc!r} "
+                                  "(--skip-export leaves the Hugging Face stages out)") from exc
         model.eval()
         torch.manual_seed(0)
         for prompt in PROMPTS:

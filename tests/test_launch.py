@@ -212,8 +212,9 @@ def _value(args: list, flag: str):
 def test_shellcheck_passes_on_launch():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
-    out = subprocess.run(["shellcheck", "-x", *[os.path.join("launch", s) for s in SCRIPTS]], cwd=REPO,
-                         capture_output=True, text=True)
+    shell_files = sorted(os.path.join("launch", f) for f in os.listdir(LAUNCH) if f.endswith((".sh", ".sbatch")))
+    assert set(SCRIPTS) <= {os.path.basename(f) for f in shell_files}
+    out = subprocess.run(["shellcheck", "-x", *shell_files], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
