@@ -76,6 +76,7 @@ def build_model_and_optimizer(args, vocab_size: int):
         if args.lr_decay_style == "wsd" else args.lr_decay_style,
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=decay_iters * args.global_batch_size,
         wd_incr_style="constant", override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
         wsd_decay_steps=(args.lr_wsd_decay_iters or max(1, decay_iters // 10)) * args.global_batch_size
         if args.lr_decay_style == "wsd" else None,
         lr_wsd_decay_style="cosine" if args.lr_decay_style == "wsd" else None)

@@ -15,7 +15,8 @@ those paths run on the CPU (see ``../shared/notes/cpu_megatron.md`` for each fai
 * a :class:`torch.overrides.TorchFunctionMode` rewrites literal ``device="cuda"`` arguments (optimizer scale
   tensors, clip_grads buffers, pipeline-schedule token counters) to the CPU, makes ``Tensor.cuda()`` a no-op and
   answers megatron's ``tensor.type() == 'torch.cuda.FloatTensor'`` checks with CUDA type names;
-* megatron's jit fuser (``torch.compile``) is disabled, which otherwise compiles for ~20 s per kernel on CPU.
+* megatron's jit fuser (``torch.compile``) is disabled, which otherwise compiles for ~20 s per kernel on CPU;
+* megatron's CUDA RNG get/set (used by activation recomputation) act on the CPU generator.
 
 Nothing here is imported by model code: model code is written for CUDA megatron and runs unchanged on CPU.
 """
@@ -142,6 +143,12 @@ def install_cpu_support() -> None:
     import torch._dynamo as dynamo
 
     dynamo.config.disable = True
+    # Activation recomputation saves and restores "the CUDA RNG state" around each recomputed layer; on the CPU
+    # that generator is the CPU one.
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     _CudaToCpuMode().__enter__()  # stays pushed for the life of the process
     _CPU_SUPPORT_INSTALLED = True
 

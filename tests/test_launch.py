@@ -390,13 +390,8 @@ def test_longctx_continues_phase1_with_its_own_schedule(tmp_path):
 
     env = _base_env({**slurm, **TINY, "MF_OUTPUT_ROOT": str(runs), "MF_SEQ_LENGTH": "96", "MF_GLOBAL_BATCH": "2",
                      "MF_MICRO_BATCH": "1", "MF_TRAIN_ITERS": "5", "MF_LR": "1e-3", "MF_MIN_LR": "1e-4",
-                     "MF_PHASE1_GLOBAL_BATCH": "4", "MF_TP": "2",
-                     # megatron's activation checkpointing saves the CUDA RNG state: GPU only
-                     "MF_RECOMPUTE": "0"})
+                     "MF_PHASE1_GLOBAL_BATCH": "4", "MF_TP": "2"})
     rc, out = _launch("pretrain_longctx.sh", env, ["--mock-data"])
-    if rc != 0 and "both override and use-checkpoint are set" in out:
-        pytest.xfail("trainer bug: --override-opt-param-scheduler needs OptimizerParamScheduler("
-                     "use_checkpoint_opt_param_scheduler=False) in megatron_flash/pretrain.py")
     assert rc == 0, out
     assert "TP 2 PP 1 DP 1" in out
     assert "sequence length changes from 64 to 96" in out

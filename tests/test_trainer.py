@@ -189,3 +189,8 @@ def test_train_tokens_sets_the_iteration_count():
 def test_training_with_document_masking_runs_and_learns():
     losses = _run(["--train-iters", "12", "--lr", "1e-2", "--reset-attention-mask"])[0]["losses"]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+
+
+def test_activation_recomputation_gives_the_same_losses(reference):
+    losses = _run(["--train-iters", "4", "--recompute-activations"])[0]["losses"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference["losses"]), rtol=1e-6, atol=0)

@@ -121,6 +121,8 @@ def _init_worker(tokenizer_args: dict, keys: Sequence[str], append_eod: bool, dt
     # One core per worker: the Rust tokenizer's own thread pool would oversubscribe the machine.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+    # A forked worker inherits the parent's SIGTERM handler (which raises); Pool.terminate() must just end it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER["tokenizer"] = build_tokenizer(**tokenizer_args)
     _WORKER["keys"] = tuple(keys)
     _WORKER["append_eod"] = append_eod
