@@ -223,25 +223,88 @@ def test_rank_correlation_tool_on_two_result_tables(tmp_path, capsys):
     assert "Spearman rank correlation: 0.800 over 4 architectures (1 only in A, 1 only in B: left out)" in out
 
 
-def test_slurm_array_script_trains_one_candidate_by_hand(tmp_path, tiny_table):
-    """launch/search_array.sbatch run as array task 0 (no SLURM here: SLURM_ARRAY_TASK_ID set by hand)."""
-    _, table, _ = tiny_table
-    folder = tmp_path / "c0000"
-    candidates.write_candidate(str(folder), "c0000", table.rule.megatron_fields("MFAF", 64), TRAINER)
+def test_slurm_array_script_refuses_a_bad_task(tmp_path):
+    """launch/search_array.sbatch run by hand (no SLURM here) with a task id past the manifest's end."""
     manifest = tmp_path / "manifest.txt"
-    manifest.write_text(f"{folder}\n")
-    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "0", "PYTHON": sys.executable, "MEGATRON_FLASH_DIR": REPO,
-           "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(["bash", os.path.join(REPO, "launch", "search_array.sbatch"), str(manifest)], env=env,
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stdout + out.stderr + (folder / "train.log").read_text()
-    result = candidates.read_result(str(folder))
-    assert result["status"] == "done" and math.isfinite(result["valid_loss"]) and result["iterations"] == 3
-    assert "validation at iteration 3" in (folder / "train.log").read_text()
-    env["SLURM_ARRAY_TASK_ID"] = "1"
+    manifest.write_text(f"{tmp_path / 'c0000'}\n")
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "MF_PYTHON": sys.executable, "MF_REPO_DIR": REPO}
     bad = subprocess.run(["bash", os.path.join(REPO, "launch", "search_array.sbatch"), str(manifest)], env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "is not a candidate folder" in bad.stderr
+    env.pop("SLURM_ARRAY_TASK_ID")
+    bad = subprocess.run(["bash", os.path.join(REPO, "launch", "search_array.sbatch"), str(manifest)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "submit as a job array" in bad.stderr
+
+
+FAKE_SBATCH = r"""#!/bin/bash
+# Stand-in for sbatch: runs every array task of launch/search_array.sbatch in the background, prints a job id.
+array="" out="" rest=()
+for a in "$@"; do
+    case $a in
+        --array=*) array=${a#--array=} ;;
+        --output=*) out=${a#--output=} ;;
+        --*) ;;
+        *) rest+=("$a") ;;
+    esac
+done
+range=${array%%%*}
+job=$$
+for i in $(seq "${range%-*}" "${range#*-}"); do
+    log=${out//%A/$job}
+    log=${log//%a/$i}
+    SLURM_ARRAY_JOB_ID=$job SLURM_ARRAY_TASK_ID=$i bash "${rest[@]}" >"$log" 2>&1 &
+    echo $! >>"$FAKE_SLURM_DIR/$job.pids"
+done
+echo "$job"
+"""
+
+FAKE_SQUEUE = r"""#!/bin/bash
+# Stand-in for squeue -h -j JOB -o %i: prints JOB while one of its tasks is alive (zombies count as ended).
+while [[ $# -gt 0 ]]; do
+    if [[ $1 == -j ]]; then job=$2; shift; fi
+    shift
+done
+while read -r pid; do
+    state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)
+    if [[ -n $state && $state != Z ]]; then echo "$job"; exit 0; fi
+done <"$FAKE_SLURM_DIR/$job.pids"
+"""
+
+
+def test_slurm_launcher_submits_an_array_and_collects_results(tmp_path, tiny_table, monkeypatch):
+    """SlurmLauncher against stand-in sbatch / squeue commands that run the real array script locally: a good
+    candidate, one that fails (recorded by the worker) and one whose worker crashes (no result when the job ends);
+    a second run submits nothing."""
+    _, table, _ = tiny_table
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("squeue", FAKE_SQUEUE)):
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    folders = {name: str(tmp_path / name) for name in ("good", "bad", "crash")}
+    candidates.write_candidate(folders["good"], "good", table.rule.megatron_fields("MFAF", 64), TRAINER)
+    candidates.write_candidate(folders["bad"], "bad", table.rule.megatron_fields("MF", 64),
+                               [a if a != "1" else "0" for a in TRAINER])  # --eval-iters 0
+    os.makedirs(folders["crash"])
+    (tmp_path / "crash" / "candidate.json").write_text("{not json")
+    launcher = candidates.SlurmLauncher(poll_seconds=0.5)
+    results, jobs = {}, []
+    candidates.run_folders(launcher, folders, results.__setitem__, manifest=str(tmp_path / "manifest.txt"),
+                           remember_job=jobs.append)
+    assert len(jobs) == 1 and len(open(tmp_path / "manifest.txt").read().split()) == 3
+    assert results["good"]["status"] == "done" and math.isfinite(results["good"]["valid_loss"])
+    assert results["good"]["iterations"] == 3
+    assert "validation at iteration 3" in (tmp_path / "good" / "train.log").read_text()
+    assert results["bad"]["status"] == "failed" and "--eval-iters > 0" in results["bad"]["error"]
+    assert results["crash"]["status"] == "failed" and "ended without a result" in results["crash"]["error"]
+    again = {}
+    candidates.run_folders(launcher, folders, again.__setitem__, manifest=str(tmp_path / "manifest.txt"),
+                           remember_job=jobs.append)
+    assert len(jobs) == 1 and again == results
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")

@@ -293,7 +293,7 @@ class SlurmLauncher:
         cmd = ["sbatch", "--parsable", f"--array={array}",
                f"--output={os.path.join(os.path.dirname(manifest), 'slurm-%A_%a.out')}",
                *self.sbatch_args, self.script, manifest]
-        env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable), "MEGATRON_FLASH_DIR": REPO}
+        env = {**os.environ, "MF_PYTHON": os.environ.get("MF_PYTHON", sys.executable), "MF_REPO_DIR": REPO}
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
         if out.returncode != 0:
             raise CandidateError(f"sbatch failed ({shlex.join(cmd)}): {out.stderr.strip()}")
