@@ -33,6 +33,8 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         # triton lets fla and megatron's SSM modules import on CPU (their kernels are not launched there)
         "dev": ["pytest", "pytest-timeout", "triton", "flash-linear-attention==0.6.0", "fla-core==0.6.0",
-                "matplotlib"],
+                "matplotlib", "scipy"],
+        # architecture search, depth-width fit, plots (tools/search_arch.py, tools/depth_width_study.py)
+        "design": ["scipy", "matplotlib"],
     },
 )
