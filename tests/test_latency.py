@@ -1,27 +1,18 @@
 """The per-operator latency table, measured on the CPU with tiny models: predictions are consistent with the table
 and (loosely) with direct measurements, and the JSON round trip is exact. No speed is asserted."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
 from megatron_flash.design import latency
 from megatron_flash.design.space import WidthRule
+from tests.tool_loading import load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULE = WidthRule.from_preset("tiny")
 SETTING = latency.DecodeSetting(batch=1, prompt_length=2, new_tokens=8, timed_steps=6, repeats=3, warmup=1,
                                 cuda_graphs=True)  # CUDA graphs requested: without a GPU the steps run eagerly
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

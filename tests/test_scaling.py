@@ -2,7 +2,6 @@
 the study tool plans matched-parameter models, trains them with the real trainer and writes its outputs."""
 
 import csv
-import importlib.util
 import itertools
 import json
 import os
@@ -12,8 +11,8 @@ import pytest
 
 from megatron_flash.design import latency, scaling
 from megatron_flash.design.space import WidthRule
+from tests.tool_loading import load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUE = scaling.ScalingFit(L0=1.8, a=2.0, alpha=0.6, b=30.0, beta=0.5, c=400.0, gamma=0.3)
 
 
@@ -67,13 +66,6 @@ def test_matched_width_picks_the_closest_parameter_count():
     width, params = scaling.matched_width(lambda w: rule.parameter_count("DFMFAFMF DFMFAFMF DFMFDFMF", w), budget,
                                           range(1024, 3073, 256))
     assert (width, params) == (2048, budget)
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 in the middle, a resume that trains nothing twice; plus the Pareto front, Spearman and the SLURM array script."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -17,6 +16,7 @@ import pytest
 
 from megatron_flash.design import candidates, evolution, latency
 from megatron_flash.design.space import Architecture, SearchSpace, WidthRule
+from tests.tool_loading import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINER = ["--mock-data", "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "3", "--eval-iters", "1",
@@ -24,13 +24,6 @@ TRAINER = ["--mock-data", "--seq-length", "32", "--micro-batch-size", "2", "--tr
 SPACE_FLAGS = ["--hidden-sizes", "64,128", "--ratios", "0:1,1:1", "--ffn-counts", "0,1", "--max-blocks", "2",
                "--max-operators", "10"]
 SPACE = SearchSpace(ratios=((0, 1), (1, 1)), ffn_counts=(0, 1), max_blocks=2, max_operators=10, hidden_sizes=(64, 128))
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
