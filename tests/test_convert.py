@@ -161,22 +161,20 @@ def converted(trained, workdir, hf_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def load_hf(tmp_path_factory):
-    """from_pretrained(trust_remote_code=True), with transformers' copy of the remote code kept in a tmp folder."""
-    import transformers.dynamic_module_utils as dynamic_module_utils
+def load_hf():
+    """from_pretrained(trust_remote_code=True); transformers' copy of the remote code goes to the session's
+    HF_MODULES_CACHE (tests/conftest.py)."""
     from transformers import AutoModelForCausalLM
 
     cache = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
 
-        def load(folder):
-            if folder not in cache:
-                cache[folder] = AutoModelForCausalLM.from_pretrained(
-                    folder, trust_remote_code=True, dtype=torch.float32).eval()
-            return cache[folder]
+    def load(folder):
+        if folder not in cache:
+            cache[folder] = AutoModelForCausalLM.from_pretrained(
+                folder, trust_remote_code=True, dtype=torch.float32).eval()
+        return cache[folder]
 
-        yield load
+    return load
 
 
 def _safetensors(folder):

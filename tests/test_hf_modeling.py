@@ -439,12 +439,10 @@ def test_config_json_has_released_fields(tmp_path):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_save_and_load_as_remote_code(tmp_path, monkeypatch, tied):
-    import transformers.dynamic_module_utils as dynamic_module_utils
+def test_save_and_load_as_remote_code(tmp_path, tied):
     from transformers import AutoModelForCausalLM
 
-    # Keep transformers' copy of the remote code out of the user's cache.
-    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    # transformers' copy of the remote code goes to the session's HF_MODULES_CACHE (tests/conftest.py)
     model = NemotronFlashForCausalLM(tiny_config(tie_word_embeddings=tied)).eval()
     randomize_(model, seed=8)
     if tied:
