@@ -45,17 +45,18 @@ class WidthRule:
 
     heads = hidden / head_dim; KV heads = the largest divisor of heads that is at most heads / q_per_kv;
     FFN = ffn_ratio * hidden; DeltaNet and attention share head_dim (as in the released models).
+    Build it with :meth:`from_preset`: the preset is the one source of these proportions.
     """
 
-    base_preset: str = "nemotron_flash_1b"
-    head_dim: int = 128
-    q_per_kv: int = 4
-    ffn_ratio: float = 3.0
-    vocab_size: int = 131072
-    num_meta_tokens: int = 256
-    mamba_state_dim: int = 128
-    mamba_head_dim: int = 64
-    mamba_expand: int = 2
+    base_preset: str
+    head_dim: int
+    q_per_kv: int
+    ffn_ratio: float
+    vocab_size: int
+    num_meta_tokens: int
+    mamba_state_dim: int
+    mamba_head_dim: int
+    mamba_expand: int
     sliding_window: int | None = None
 
     @classmethod
