@@ -149,3 +149,26 @@ def test_packed_documents_equal_separate_runs():
     separate, packed, eod_cu = run_distributed(_packed_vs_separate, world_size=1)[0]
     torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-5)
     assert eod_cu.tolist() == [0, 2, 4, 7, 8]
+
+
+# --- loss ---------------------------------------------------------------------------------------------------------
+
+def _loss_against_logits():
+    import torch.nn.functional as F
+
+    from megatron_flash.models import builder
+
+    spec = builder.resolve("tiny", layer_pattern="DFAF", use_cpu_initialization=True, vocab_size=1000)
+    model = builder.build_model(spec, SEQ)
+    assert model.padded_vocab_size > model.vocab_size  # the padding must stay out of the softmax
+    tokens = torch.randint(0, 1000, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(5))
+    loss = model(tokens[:, :-1], labels=tokens[:, 1:])
+    logits = model(tokens[:, :-1])
+    want = F.cross_entropy(logits[..., :1000].float().flatten(0, 1), tokens[:, 1:].flatten(),
+                           reduction="none").view(BATCH, SEQ)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    return True
+
+
+def test_fused_loss_equals_cross_entropy_of_the_logits():
+    assert run_distributed(_loss_against_logits, world_size=1) == [True]

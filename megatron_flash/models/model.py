@@ -16,6 +16,7 @@ from megatron.core.enums import ModelType
 from megatron_flash.layers.base import MixerInputs
 from megatron_flash.models import packing
 from megatron_flash.models.stack import HybridStack
+from megatron_flash.ops.linear_cross_entropy import linear_cross_entropy
 
 # Initialization streams of the non-layer parameters (layers use their index; see NemotronFlashConfig.init_rng).
 EMBEDDING_STREAM, OUTPUT_STREAM = 1_000_000, 1_000_001
@@ -39,8 +40,9 @@ class NemotronFlashModel(LanguageModule):
       released model.
     * Tied input/output embeddings by default (megatron keeps the copy on the last pipeline stage in sync).
 
-    ``forward`` takes [batch, seq] token ids (on every pipeline stage: they set the sequence length) and returns per-token losses [batch, seq] when ``labels`` are given,
-    else logits [batch, seq, vocab / TP] (this rank's vocabulary slice).
+    ``forward`` takes [batch, seq] token ids (on every pipeline stage: they set the sequence length) and returns
+    per-token losses [batch, seq] when ``labels`` are given (output layer and cross-entropy fused over token
+    chunks, so the full logits never exist), else logits [batch, seq, vocab / TP] (this rank's vocabulary slice).
     """
 
     def __init__(self, config, vocab_size: int, max_sequence_length: int, pre_process: bool = True,
@@ -138,8 +140,19 @@ class NemotronFlashModel(LanguageModule):
             # (identical) gradient instead of summing it, since the output layer already all-reduces.
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         hidden = packing.text_only(hidden, packed) if packed is not None else hidden[self.num_meta_tokens:]
+        if labels is not None:
+            return self._loss(hidden, labels)
         logits, _ = self.output_layer(hidden, weight=self.output_weight())
-        logits = self._mask_vocab_padding(logits)
-        if labels is None:
-            return logits.transpose(0, 1).contiguous()
-        return self.compute_language_model_loss(labels, logits)
+        return self._mask_vocab_padding(logits).transpose(0, 1).contiguous()
+
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token loss [b, s]: output layer and vocab-parallel cross-entropy fused over token chunks, so the
+        [tokens, vocabulary] logits never exist in full (ops/linear_cross_entropy.py)."""
+        seq, batch, width = hidden.shape
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)  # all-reduces its gradient over TP
+        weight = self.output_weight()
+        loss = linear_cross_entropy(
+            hidden.reshape(seq * batch, width), weight, labels.t().reshape(-1), self.vocab_size,
+            vocab_start=parallel_state.get_tensor_model_parallel_rank() * weight.shape[0],
+            group=parallel_state.get_tensor_model_parallel_group())
+        return loss.view(seq, batch).t()

@@ -1,0 +1,78 @@
+"""The fused, chunked output layer + cross-entropy against full logits and F.cross_entropy."""
+
+import pytest
+import torch
+
+from megatron_flash.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from megatron_flash.testing import run_distributed
+
+
+def _inputs(n=70, h=24, padded_vocab=40, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen).to(dtype)
+    weight = torch.randn(padded_vocab, h, generator=gen).to(dtype)
+    grad = torch.rand(n, generator=gen)
+    return hidden, weight, grad
+
+
+def _loss_and_grads(fn, hidden, weight, labels, grad, vocab_size, **kw):
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = fn(hidden, weight, labels, vocab_size, **kw)
+    (loss * grad).sum().backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("chunk_tokens", [16, 33, None])
+def test_matches_full_logits_with_vocab_padding(chunk_tokens):
+    hidden, weight, grad = _inputs()
+    vocab_size = 37  # the last 3 rows are TP padding: never part of the softmax
+    labels = torch.randint(0, vocab_size, (hidden.shape[0],), generator=torch.Generator().manual_seed(1))
+    got = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, grad, vocab_size, chunk_tokens=chunk_tokens)
+    want = _loss_and_grads(linear_cross_entropy_reference, hidden, weight, labels, grad, vocab_size)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert torch.all(got[2][vocab_size:] == 0)
+
+
+def test_bf16_close_to_fp32_definition():
+    hidden, weight, grad = _inputs(n=129, h=64, padded_vocab=256, dtype=torch.bfloat16)
+    labels = torch.randint(0, 250, (129,), generator=torch.Generator().manual_seed(2))
+    got = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, grad, 250, chunk_tokens=50)
+    want = _loss_and_grads(linear_cross_entropy_reference, hidden.float(), weight.float(), labels, grad, 250)
+    for g, w in zip(got, want):
+        assert (g.float() - w).norm() / w.norm() < 2e-2
+
+
+def test_rejects_mismatched_shapes():
+    hidden, weight, _ = _inputs()
+    with pytest.raises(ValueError, match="labels"):
+        linear_cross_entropy(hidden, weight, torch.zeros(3, dtype=torch.long), 37)
+    with pytest.raises(ValueError, match="hidden size"):
+        linear_cross_entropy(hidden, weight[:, :5], torch.zeros(70, dtype=torch.long), 37)
+
+
+def _tensor_parallel_case():
+    from megatron.core import parallel_state, tensor_parallel
+
+    hidden, weight, grad = _inputs()
+    vocab_size = 37
+    labels = torch.randint(0, vocab_size, (hidden.shape[0],), generator=torch.Generator().manual_seed(1))
+    rank, world = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    per_rank = weight.shape[0] // world
+    local_weight = weight[rank * per_rank:(rank + 1) * per_rank].clone().requires_grad_()
+    hidden_leaf = hidden.clone().requires_grad_()
+    loss = linear_cross_entropy(tensor_parallel.copy_to_tensor_model_parallel_region(hidden_leaf), local_weight,
+                                labels, vocab_size, vocab_start=rank * per_rank,
+                                group=parallel_state.get_tensor_model_parallel_group(), chunk_tokens=16)
+    (loss * grad).sum().backward()
+    want = _loss_and_grads(linear_cross_entropy_reference, hidden, weight, labels, grad, vocab_size)
+    torch.testing.assert_close(loss.detach(), want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden_leaf.grad, want[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(local_weight.grad, want[2][rank * per_rank:(rank + 1) * per_rank], rtol=1e-5,
+                               atol=1e-6)
+    return True
+
+
+def test_tensor_parallel_vocab_split_matches_one_rank():
+    # 40 rows over 2 ranks: rank 1 holds rows 20..39, of which 37..39 are padding
+    assert run_distributed(_tensor_parallel_case, world_size=2, tensor_model_parallel_size=2) == [True, True]
