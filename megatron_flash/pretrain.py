@@ -24,7 +24,7 @@ from megatron_flash import flops, runtime
 from megatron_flash.models import builder, specs
 from megatron_flash.models.packing import document_boundaries_from_eod
 from megatron_flash.training import arguments, checkpointing
-from megatron_flash.training.loop_utils import (ExitSignal, ProgressLog, broadcast_from_last_rank,
+from megatron_flash.training.loop_utils import (ExitSignal, ProgressLog, StepProfiler, broadcast_from_last_rank,
                                                 is_logging_rank, microbatches, peak_flops_per_second)
 from megatron_flash.training.weight_norm import WeightNormalizer, normalize_model_params
 
@@ -178,6 +178,8 @@ def train(args, step_callback=None) -> dict:
     progress = ProgressLog(args.tensorboard_dir, args.log_interval, tokens_per_iter, flops_per_iter,
                            peak_flops_per_second())
     exit_signal = ExitSignal()
+    profiler = StepProfiler(args.profile_dir, args.profile_step_start, args.profile_step_end, args.profile_ranks,
+                            args.profile)
     skipped_in_a_row, skipped_total, losses = 0, 0, []
     valid_loss = None
 
@@ -207,6 +209,7 @@ def train(args, step_callback=None) -> dict:
         losses.append(loss)
         extra = {"weight-norm-deviation": normalizer.last_mean_deviation} if normalizer else {}
         progress.step(iteration, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, skipped_total, extra)
+        profiler.step(iteration)
         if step_callback is not None:
             step_callback(iteration, model, optimizer)
 
@@ -227,8 +230,9 @@ def train(args, step_callback=None) -> dict:
             save()
             progress.restart_timer()
     progress.close()
+    profiler.close()
     return {"iteration": iteration, "losses": losses, "valid_loss": valid_loss, "skipped": skipped_total,
-            "last_log": progress.last,
+            "last_log": progress.last, "profile": profiler.table,
             "flops_per_token": flops_per_iter * dist.get_world_size() / tokens_per_iter}
 
 

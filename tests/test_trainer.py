@@ -159,6 +159,10 @@ def _parse(argv, world=1):
     (["--mock-data", "--train-iters", "5", "--no-such-flag"], "invalid command line"),
     (["--mock-data", "--train-iters", "5", "--min-lr", "1", "--lr", "0.1"], "above --lr"),
     (["--mock-data", "--train-iters", "5", "--lr-warmup-iters", "5"], "must be below the 5 decay"),
+    (["--mock-data", "--train-iters", "5", "--profile", "--profile-step-start", "3", "--profile-step-end", "9",
+      "--profile-dir", "p"], "0 <= start < end <= --train-iters 5"),
+    (["--mock-data", "--train-iters", "5", "--profile", "--profile-step-start", "1", "--profile-step-end", "2"],
+     "--profile needs --profile-dir or --tensorboard-dir"),
 ])
 def test_bad_flags_are_clear_errors(argv, message):
     from megatron_flash.training import arguments
@@ -194,3 +198,23 @@ def test_training_with_document_masking_runs_and_learns():
 def test_activation_recomputation_gives_the_same_losses(reference):
     losses = _run(["--train-iters", "4", "--recompute-activations"])[0]["losses"]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference["losses"]), rtol=1e-6, atol=0)
+
+
+def _train_profiled(argv):
+    from megatron_flash import pretrain
+    from megatron_flash.training import arguments
+
+    return pretrain.train(arguments.parse_args(argv, world_size=1))["profile"]
+
+
+def test_profile_writes_a_trace_and_time_by_layer_type_and_kernel(tmp_path):
+    profile = run_distributed(_train_profiled, world_size=1, args=(BASE + [
+        "--train-iters", "4", "--profile", "--profile-step-start", "2", "--profile-step-end", "4",
+        "--profile-dir", str(tmp_path)],))[0]
+    assert (tmp_path / "trace_rank0.json").stat().st_size > 0
+    assert "forward by layer type" in (tmp_path / "kernels_rank0.txt").read_text()
+    # the tiny preset has every layer type; each ran once per layer per micro-batch (2 per iteration)
+    layers = {row["layer"]: row for row in profile["layers_forward"]}
+    assert set(layers) == {"DeltaNetMixer", "Mamba2Mixer", "AttentionMixer", "FFNMixer"}, layers
+    assert all(row["ms_per_iter"] > 0 for row in layers.values())
+    assert profile["kernels"] and any("mm" in row["name"] for row in profile["kernels"]), profile["kernels"]

@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--exit-interval", type=int, help="save and exit after this iteration (testing resume)")
+    g.add_argument("--profile", action="store_true",
+                   help="torch profiler over iterations [--profile-step-start, --profile-step-end)")
+    g.add_argument("--profile-step-start", type=int, default=10,
+                   help="iterations completed before profiling starts")
+    g.add_argument("--profile-step-end", type=int, default=12,
+                   help="iteration after which profiling stops and the table is written")
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks that profile")
+    g.add_argument("--profile-dir", help="where the trace and kernel table go (default: --tensorboard-dir)")
     return p
 
 
@@ -166,6 +174,14 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         args.train_iters = -(-args.train_tokens // (args.global_batch_size * args.seq_length))
     if args.train_iters < 1:
         raise ArgumentError(f"--train-iters must be positive, got {args.train_iters}")
+    if args.profile:
+        if not 0 <= args.profile_step_start < args.profile_step_end <= args.train_iters:
+            raise ArgumentError(f"--profile-step-start {args.profile_step_start} and --profile-step-end "
+                                f"{args.profile_step_end} must satisfy 0 <= start < end <= --train-iters "
+                                f"{args.train_iters}")
+        args.profile_dir = args.profile_dir or args.tensorboard_dir
+        if not args.profile_dir:
+            raise ArgumentError("--profile needs --profile-dir or --tensorboard-dir")
     data_sources = [bool(args.data_path), bool(args.per_split_data_args_path), args.mock_data]
     if sum(data_sources) != 1:
         raise ArgumentError("give exactly one of --data-path, --per-split-data-args-path and --mock-data")

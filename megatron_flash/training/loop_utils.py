@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_flash import runtime
+from megatron_flash.layers.base import LAYER_RANGE_PREFIX
 
 
 # --- data -----------------------------------------------------------------------------------------------------
@@ -130,6 +132,80 @@ class ProgressLog:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+class StepProfiler:
+    """torch.profiler over iterations [start, end) on the chosen ranks (Megatron's --profile flags).
+
+    Writes a Chrome trace and a table into ``folder``: forward time by layer type and the kernels with the most
+    device time (CPU time without a GPU); ``table`` keeps both (``layers_forward``, ``kernels``) for callers.
+    """
+
+    def __init__(self, folder: str | None, start: int, end: int, ranks, enabled: bool):
+        self.folder, self.start, self.end = folder, start, end
+        self.enabled = enabled and dist.get_rank() in ranks
+        self.profiler, self.table = None, []
+
+    def step(self, iteration: int) -> None:
+        """Call after finishing ``iteration`` (1-based): the profiled window covers iterations start+1 .. end."""
+        if not self.enabled:
+            return
+        if iteration == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+        elif iteration == self.end and self.profiler is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            self._write()
+            self.profiler = None
+
+    def _write(self) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        rank = dist.get_rank()
+        self.profiler.export_chrome_trace(os.path.join(self.folder, f"trace_rank{rank}.json"))
+        on_device = torch.cuda.is_available()
+        unit = "device" if on_device else "cpu"
+        steps = self.end - self.start
+        # on a GPU the kernels themselves (operators would count their kernels twice), else the CPU operators
+        kind = torch.autograd.DeviceType.CUDA if on_device else torch.autograd.DeviceType.CPU
+        kernels = [e for e in self.profiler.key_averages() if e.device_type == kind
+                   and getattr(e, f"self_{unit}_time_total") > 0 and not e.key.startswith(LAYER_RANGE_PREFIX)]
+        kernels.sort(key=lambda e: getattr(e, f"self_{unit}_time_total"), reverse=True)
+        total = sum(getattr(e, f"self_{unit}_time_total") for e in kernels) or 1.0
+        self.table = {"kernels": [
+            {"name": e.key[:120], "ms_per_iter": getattr(e, f"self_{unit}_time_total") / 1000 / steps,
+             "share": getattr(e, f"self_{unit}_time_total") / total, "calls_per_iter": e.count / steps}
+            for e in kernels[:40]]}
+        # forward time by layer type: HybridLayer's named ranges, with the kernels they launched (inclusive)
+        by_layer: dict[str, list] = {}
+        for e in self.profiler.events():
+            if e.name.startswith(LAYER_RANGE_PREFIX) and e.device_type == torch.autograd.DeviceType.CPU:
+                entry = by_layer.setdefault(e.name[len(LAYER_RANGE_PREFIX):], [0.0, 0])
+                entry[0] += getattr(e, f"{unit}_time_total")
+                entry[1] += 1
+        self.table["layers_forward"] = sorted(
+            ({"layer": name, "ms_per_iter": t / 1000 / steps, "share_of_step": t / total,
+              "calls_per_iter": n / steps} for name, (t, n) in by_layer.items()),
+            key=lambda row: -row["ms_per_iter"])
+        with open(os.path.join(self.folder, f"kernels_rank{rank}.txt"), "w") as f:
+            f.write(f"iterations {self.start + 1}..{self.end}, {unit} time per iteration\n\n"
+                    f"forward by layer type (inclusive):\n")
+            for row in self.table["layers_forward"]:
+                f.write(f"{row['ms_per_iter']:9.3f} ms {row['share_of_step']:6.1%} {row['calls_per_iter']:6.0f}x  "
+                        f"{row['layer']}\n")
+            f.write("\nkernels / operators (self time):\n")
+            for row in self.table["kernels"]:
+                f.write(f"{row['ms_per_iter']:9.3f} ms {row['share']:6.1%} {row['calls_per_iter']:6.0f}x  "
+                        f"{row['name']}\n")
+
+    def close(self) -> None:
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profiler = None
 
 
 def peak_flops_per_second() -> float:
