@@ -1,6 +1,6 @@
 """One-GPU benchmark suite: runtime on NCCL, per-layer cost at 1B shapes, 1B training throughput and baselines.
 
-    python benchmarks/gpu_suite.py [--sections runtime,layers,train,gpt,fla] [--out DIR] [--smoke]
+    python benchmarks/gpu_suite.py [--sections runtime,layers,train_1b_mbs4,profile_1b_mbs4,gpt_mbs2,fla_mbs4] [--out DIR] [--smoke]
 
 Each section writes its results to DIR/gpu_suite.json as soon as it finishes (a later failure or a time limit
 loses nothing), and a table is printed at the end. ``--smoke`` runs every section at toy sizes on the CPU, to
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 import traceback
 
@@ -118,8 +119,9 @@ def section_layers():
     return rows
 
 
-def section_train(preset, micro_batch, iters=8, extra=()):
-    """Our trainer (pretrain.train) on mock data: steady-state tokens/s, MFU and memory."""
+def section_train(preset, micro_batch, iters=8, extra=(), profile_dir=None):
+    """Our trainer (pretrain.train) on mock data: steady-state tokens/s, MFU and memory; with ``profile_dir``, a
+    torch-profiler table of the kernels of iterations 6-7."""
     from megatron_flash import pretrain
     from megatron_flash.training import arguments
 
@@ -128,11 +130,32 @@ def section_train(preset, micro_batch, iters=8, extra=()):
             "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch),
             "--train-iters", str(iters), "--log-interval", str(iters // 2), "--eval-iters", "0",
             "--lr", "1e-3", "--ssd-backend", "torch_compile"] + ([] if SMOKE else ["--bf16"]) + list(extra)
+    if profile_dir:
+        argv += ["--profile", "--profile-step-start", str(iters - 2), "--profile-step-end", str(iters),
+                 "--profile-dir", profile_dir]
     args = arguments.parse_args(argv, world_size=1)
     result = pretrain.train(args)
-    return {"preset": preset, "micro_batch": micro_batch, "seq": seq, **result["last_log"],
-            "flops_per_token": result["flops_per_token"],
-            "final_losses": result["losses"][-2:]}
+    out = {"preset": preset, "micro_batch": micro_batch, "seq": seq, **result["last_log"],
+           "flops_per_token": result["flops_per_token"], "final_losses": result["losses"][-2:]}
+    if profile_dir:
+        out["profile"] = result["profile"]
+    return out
+
+
+TRAIN_SECTION = re.compile(r"(train|train_no_weight_norm|profile)_(1b|3b)_mbs(\d+)$")
+BASELINE_SECTION = re.compile(r"(gpt|fla)_mbs(\d+)$")  # the baselines at the 1B size, micro-batch N
+
+
+def train_section(name, out_dir):
+    """``train_1b_mbs4``, ``train_no_weight_norm_1b_mbs4`` (weight-norm overhead: paper +4-7%),
+    ``profile_1b_mbs4``, ``train_3b_mbs2`` ..."""
+    kind, size, mbs = TRAIN_SECTION.match(name).groups()
+    preset = f"nemotron_flash_{size}"
+    if kind == "train_no_weight_norm":
+        return section_train(preset, int(mbs), extra=["--no-weight-norm"])
+    if kind == "profile":
+        return section_train(preset, int(mbs), profile_dir=os.path.join(out_dir, "profile"))
+    return section_train(preset, int(mbs))
 
 
 def section_gpt_baseline(micro_batch, iters=6):
@@ -218,13 +241,14 @@ PEAK = 0.0
 def main():
     global SMOKE, PEAK
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="runtime,train,train_no_weight_norm,layers,gpt,fla",
-                   help="comma-separated; each runs in its own process so one cannot starve the next of memory")
+    p.add_argument("--sections", default="runtime,layers,train_1b_mbs4,train_no_weight_norm_1b_mbs4,"
+                                         "profile_1b_mbs4,train_3b_mbs2,gpt_mbs2,fla_mbs4",
+                   help="comma-separated; each runs in its own process so one cannot starve the next of memory. "
+                        "Training sections are named (train|train_no_weight_norm|profile)_(1b|3b)_mbsN, "
+                        "baselines (gpt|fla)_mbsN")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--train-micro-batch", type=int, default=2)
-    p.add_argument("--baseline-micro-batch", type=int, default=1)
     args = p.parse_args()
     SMOKE = args.smoke
     if not args.in_process:
@@ -244,17 +268,17 @@ def main():
     sections = {
         "runtime": section_runtime,
         "layers": section_layers,
-        "train": lambda: section_train("nemotron_flash_1b", args.train_micro_batch),
-        # the same without weight normalization: its overhead per iteration (paper: +4-7%)
-        "train_no_weight_norm": lambda: section_train("nemotron_flash_1b", args.train_micro_batch,
-                                                      extra=["--no-weight-norm"]),
-        "gpt": lambda: section_gpt_baseline(args.baseline_micro_batch),
-        "fla": lambda: section_fla_baseline(args.baseline_micro_batch),
     }
     for name in args.sections.split(","):
         t = time.perf_counter()
         try:
-            value = sections[name]()
+            if TRAIN_SECTION.match(name):
+                value = train_section(name, args.out)
+            elif BASELINE_SECTION.match(name):
+                kind, mbs = BASELINE_SECTION.match(name).groups()
+                value = (section_gpt_baseline if kind == "gpt" else section_fla_baseline)(int(mbs))
+            else:
+                value = sections[name]()
         except Exception as exc:  # noqa: BLE001 - keep going: one failure must not lose the other sections
             value = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
         if isinstance(value, dict):
@@ -270,9 +294,7 @@ def run_sections_in_subprocesses(args):
     import sys
 
     for name in args.sections.split(","):
-        cmd = [sys.executable, __file__, "--in-process", "--sections", name, "--out", args.out,
-               "--train-micro-batch", str(args.train_micro_batch),
-               "--baseline-micro-batch", str(args.baseline_micro_batch)] + (["--smoke"] if args.smoke else [])
+        cmd = [sys.executable, __file__, "--in-process", "--sections", name, "--out", args.out] + (["--smoke"] if args.smoke else [])
         code = subprocess.call(cmd)
         if code:
             print(f"== {name}: process exited with {code}", flush=True)
