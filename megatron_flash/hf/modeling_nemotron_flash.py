@@ -16,9 +16,16 @@ The function computed (every block is pre-norm residual):
 On CPU every mixer runs in plain PyTorch, with exact chunked forms of the DeltaNet and Mamba2 recurrences (fp32).
 Batches must not contain padding: a 2-D ``attention_mask`` with zeros is refused (left-padded batched generation
 is not supported).
+
+Two caches: :class:`NemotronFlashCache` (grows by concatenation; what ``generate`` builds) and
+:class:`NemotronFlashStaticCache` (``model.make_static_cache(batch, max_length)``: preallocated buffers updated in
+place, with a device-side position). With the static cache a one-token forward has fixed shapes, reads no host-side
+length and never synchronizes with the host, so a single captured CUDA graph of it replays every decode step.
+Set ``NEMOTRON_FLASH_DISABLE_FLA=1`` to keep DeltaNet on the PyTorch path on CUDA too (no Triton autotuning).
 """
 
 import math
+import os
 from typing import Optional, Union
 
 import torch
@@ -50,8 +57,11 @@ def _fla_delta_rule_kernels():
     """fla's (chunk, fused_recurrent) delta-rule kernels, or None when fla is not installed.
 
     Imported on first use from CUDA tensors only: importing fla costs seconds and warns on machines without Triton.
+    ``NEMOTRON_FLASH_DISABLE_FLA=1`` (read on every call) keeps the PyTorch path.
     """
     global _FLA_DELTA_RULE
+    if os.environ.get("NEMOTRON_FLASH_DISABLE_FLA", "0") == "1":
+        return None
     if _FLA_DELTA_RULE is None:
         try:
             from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
@@ -69,10 +79,35 @@ def _fla_delta_rule_kernels():
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim, computed in fp32, returned in x's dtype."""
-    x_fp32 = x.float()
-    x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + eps)
-    return (x_fp32 * weight.float()).to(x.dtype)
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim, computed in fp32, returned in x's dtype.
+
+    ``F.rms_norm`` upcasts 16-bit inputs itself; on CUDA it is one fused kernel (instead of eight with the casts),
+    which matters in decode steps.
+    """
+    return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+
+
+def inference_constant(owner: nn.Module, name: str, compute, *params: torch.Tensor) -> torch.Tensor:
+    """``compute(*params)``: a small tensor derived from parameters (an fp32 copy, ``-exp(A_log)``, stacked conv
+    kernels), kept on ``owner`` while the parameters stay the same (storage, version, dtype, device), so that decode
+    steps (and the CUDA graphs that replay them) launch no kernel for it. Recomputed on every call when autograd
+    records, and under torch.compile (which fuses it into its consumer)."""
+    if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
+        return compute(*params)
+    try:
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    except RuntimeError:  # inference-mode tensors have no version counter: do not keep anything
+        return compute(*params)
+    store = owner.__dict__.setdefault("_inference_constants", {})
+    entry = store.get(name)
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            entry = store[name] = (key, compute(*params))
+    return entry[1]
+
+
+def _fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float()
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -215,6 +250,58 @@ def mamba2_scan_chunked(
     return y + skip, state
 
 
+# One-token forms of the above, for the static cache: fixed shapes, states updated in place, no host reads.
+
+
+def causal_conv1d_step(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], conv_state: torch.Tensor
+) -> torch.Tensor:
+    """One step of :func:`causal_depthwise_conv1d`: ``x`` [..., C] (one token), ``weight`` [..., C, K], ``conv_state``
+    [..., C, K - 1] (the previous K - 1 inputs, fp32), shifted in place. Computed and returned in fp32."""
+    window = torch.cat([conv_state, x.unsqueeze(-1).float()], dim=-1)
+    conv_state.copy_(window[..., 1:])
+    out = (window * weight.float()).sum(-1)
+    return out if bias is None else out + bias.float()
+
+
+def delta_rule_recurrent_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """One token of :func:`delta_rule_chunked`: ``S += beta k (v - S^T k)^T``, ``o = S^T (q * scale)``.
+
+    q, k: [B, H, dk] (L2-normalized), v: [B, H, dv], beta: [B, H]; ``state`` [B, H, dk, dv] fp32, updated in place;
+    ``scale`` defaults to dk^-0.5. Returns o [B, H, dv] fp32.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q = q.float() if scale == 1.0 else q.float() * scale
+    k, v = k.float(), v.float()
+    predicted = (k.unsqueeze(-2) @ state).squeeze(-2)  # S^T k
+    state.addcmul_(k.unsqueeze(-1), ((v - predicted) * beta.float().unsqueeze(-1)).unsqueeze(-2))
+    return (q.unsqueeze(-2) @ state).squeeze(-2)
+
+
+def mamba2_recurrent_step(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    state: torch.Tensor,
+) -> torch.Tensor:
+    """One token of :func:`mamba2_scan_chunked`: ``S = exp(dt A) S + dt x B^T``, ``y = S C + D x``.
+
+    x: [Bt, H, P], dt: [Bt, H] (after softplus), A: [H], B, C: [Bt, N], D: [H]; ``state`` [Bt, H, P, N] fp32,
+    updated in place. Returns y [Bt, H, P] fp32.
+    """
+    x, dt = x.float(), dt.float()
+    decay = torch.exp(dt * A.float())
+    state.mul_(decay[..., None, None]).addcmul_((x * dt.unsqueeze(-1)).unsqueeze(-1), B.float()[:, None, None, :])
+    y = (state @ C.float()[:, None, :, None]).squeeze(-1)
+    return y + x * D.float()[:, None]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -254,6 +341,9 @@ class NemotronFlashCache:
 
     is_compileable = False
     is_croppable = False
+    # transformers >= 5.24: generate slices already-cached tokens off the input unless every layer is "linear"
+    # (recurrent-only). Every layer here counts its tokens in get_seq_length, so that slicing is right for all.
+    is_linear = (False,)
 
     def __init__(self, config: NemotronFlashConfig):
         self.layer_types = list(config.layer_types)
@@ -284,6 +374,13 @@ class NemotronFlashCache:
         """Called by the model once all layers have consumed a forward's tokens."""
         self.text_length += num_text_tokens
         self.stream_length += num_stream_tokens
+
+    def mixer_state(self, layer_idx: int) -> tuple:
+        """(conv state, recurrent state) of a DeltaNet or Mamba2 layer; (None, None) before its first forward."""
+        return self.conv_states[layer_idx], self.recurrent_states[layer_idx]
+
+    def set_mixer_state(self, layer_idx: int, conv_state, recurrent_state: torch.Tensor) -> None:
+        self.conv_states[layer_idx], self.recurrent_states[layer_idx] = conv_state, recurrent_state
 
     def update_attention(
         self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, sliding_window: Optional[int]
@@ -317,6 +414,208 @@ class NemotronFlashCache:
             self.conv_states[i] = tuple(select(s) for s in state) if isinstance(state, tuple) else select(state)
 
 
+def attention_window(config: NemotronFlashConfig, layer_idx: int) -> Optional[int]:
+    """Sliding window of attention layer ``layer_idx``; None for full attention (the layers in global_attn_idx)."""
+    if config.sliding_window is None or layer_idx in (config.global_attn_idx or []):
+        return None
+    return config.sliding_window
+
+
+# Full-attention buffers of the static cache hold a multiple of this many positions (aligned rows for SDPA kernels).
+STATIC_CACHE_ALIGNMENT = 64
+
+
+class NemotronFlashStaticCache:
+    """Decoding state in preallocated buffers of fixed shapes, updated in place: what a captured CUDA graph replays.
+
+    * attention: keys/values [B, Hkv, slots, D] in the model dtype. Full-attention layers have a slot per stream
+      position (memory tokens + ``max_length`` text tokens, rounded up to a multiple of 64); a sliding-window layer
+      has a ring of ``sliding_window`` slots, stream index j in slot j % window (softmax attention does not care
+      about the order of its keys; RoPE is applied before keys are stored);
+    * DeltaNet: conv inputs [B, 3 (q, k, v), H * dk, K - 1] and the state [B, H, dk, dv]; Mamba2: conv inputs
+      [B, conv_dim, K - 1] and the state [B, H, P, N]; all fp32 (the conv inputs are stored exactly);
+    * ``position``: a one-element device tensor, the stream index (memory + text) of the next token.
+
+    A one-token forward reads and advances only device tensors: it writes keys/values at ``position`` with
+    ``index_copy_``, masks the buffer with ``slot <= position``, takes RoPE from tables made here, copies the new
+    mixer states into their buffers, and adds 1 to ``position``. No ``.item()``, no host-side length, no shape
+    that changes per step, so one captured step replays every decode step. A forward of several tokens (the
+    prompt) reads the position on the host once. ``get_seq_length`` also reads it (it is for ``generate``).
+    """
+
+    # Not for generate()'s automatic torch.compile (untested here): capture a step with megatron_flash's driver.
+    is_compileable = False
+    is_croppable = False
+    is_linear = NemotronFlashCache.is_linear
+
+    def __init__(self, config: NemotronFlashConfig, batch_size: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device: Optional[Union[str, torch.device]] = None):
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"NemotronFlashStaticCache: batch_size ({batch_size}) and max_length ({max_length}) "
+                             "must be positive")
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # compared with the inputs' device
+        self.layer_types = list(config.layer_types)
+        self.batch_size, self.max_length, self.dtype, self.device = batch_size, max_length, dtype, device
+        self.num_memory_tokens = config.num_memory_tokens
+        self.stream_capacity = config.num_memory_tokens + max_length
+        full_slots = -(-self.stream_capacity // STATIC_CACHE_ALIGNMENT) * STATIC_CACHE_ALIGNMENT
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        head_dim = config.hidden_size // heads
+        d_inner = config.mamba_expand * config.hidden_size
+        mamba_heads = d_inner // config.mamba2_headdim
+
+        def zeros(*shape, dtype=torch.float32):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        num_layers = len(self.layer_types)
+        self.key_cache: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.value_cache: list[Optional[torch.Tensor]] = [None] * num_layers
+        # Ring size of each sliding-window layer (None: a slot per stream position).
+        self.ring_sizes: list[Optional[int]] = [None] * num_layers
+        self.conv_states: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.recurrent_states: list[Optional[torch.Tensor]] = [None] * num_layers
+        for i, layer_type in enumerate(self.layer_types):
+            if layer_type == "a":
+                window = attention_window(config, i)
+                # A window that covers the whole capacity never drops a key: store it like full attention.
+                self.ring_sizes[i] = window if window is not None and window < self.stream_capacity else None
+                slots = full_slots if self.ring_sizes[i] is None else window
+                self.key_cache[i] = zeros(batch_size, kv_heads, slots, head_dim, dtype=dtype)
+                self.value_cache[i] = zeros(batch_size, kv_heads, slots, head_dim, dtype=dtype)
+            elif layer_type == "deltanet":
+                self.conv_states[i] = zeros(batch_size, 3, heads * head_dim, config.d_conv - 1)
+                self.recurrent_states[i] = zeros(batch_size, heads, head_dim, head_dim)
+            elif layer_type == "m2":
+                conv_dim = d_inner + 2 * config.mamba_d_state
+                self.conv_states[i] = zeros(batch_size, conv_dim, config.mamba_d_conv - 1)
+                self.recurrent_states[i] = zeros(batch_size, mamba_heads, config.mamba2_headdim, config.mamba_d_state)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.slot_index = torch.arange(full_slots, device=device)
+        self.rope_cos = self.rope_sin = None
+        if "a" in self.layer_types and config.rope:
+            cos, sin = rotary_cos_sin(self.slot_index[None], head_dim, config.rope_theta, dtype)
+            self.rope_cos, self.rope_sin = cos[0, 0], sin[0, 0]  # [positions, head_dim]
+        self.started = False
+        self.num_prefix_tokens = 0  # memory tokens prepended by the first forward
+
+    def buffers(self) -> list:
+        """Every state tensor (not the RoPE tables or the position)."""
+        return [t for group in (self.key_cache, self.value_cache, self.conv_states, self.recurrent_states)
+                for t in group if t is not None]
+
+    def memory_bytes(self) -> int:
+        tables = [t for t in (self.rope_cos, self.rope_sin, self.slot_index, self.position) if t is not None]
+        return sum(t.numel() * t.element_size() for t in self.buffers() + tables)
+
+    def reset(self) -> None:
+        """Forget everything in place (buffers stay where a captured graph expects them)."""
+        for tensor in self.buffers():
+            tensor.zero_()
+        self.position.zero_()
+        self.started = False
+        self.num_prefix_tokens = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.started
+
+    @property
+    def stream_length(self) -> int:
+        """Stream tokens seen (memory + text). Reads the device position: a host synchronization."""
+        return int(self.position.item())
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Text tokens seen (a host synchronization; for ``generate``, not for captured steps)."""
+        return self.stream_length - self.num_prefix_tokens if self.started else 0
+
+    def check_room(self, num_stream_tokens: int) -> None:
+        """Refuse a multi-token forward that would run past the buffers (one-token steps are not checked: that
+        would need the position on the host; the caller sizes ``max_length``)."""
+        end = self.stream_length + num_stream_tokens
+        if end > self.stream_capacity:
+            raise ValueError(f"NemotronFlashStaticCache: {end} stream tokens exceed its capacity "
+                             f"{self.stream_capacity} ({self.num_memory_tokens} memory tokens + max_length "
+                             f"{self.max_length})")
+
+    def advance(self, num_text_tokens: int, num_stream_tokens: int) -> None:
+        if not self.started:
+            self.num_prefix_tokens = num_stream_tokens - num_text_tokens
+            self.started = True
+        self.position.add_(num_stream_tokens)
+
+    def mixer_state(self, layer_idx: int) -> tuple:
+        conv = self.conv_states[layer_idx]
+        if self.layer_types[layer_idx] == "deltanet":
+            conv = tuple(conv.unbind(1))
+        return conv, self.recurrent_states[layer_idx]
+
+    def set_mixer_state(self, layer_idx: int, conv_state, recurrent_state: torch.Tensor) -> None:
+        if isinstance(conv_state, tuple):
+            self.conv_states[layer_idx].copy_(torch.stack(conv_state, dim=1))
+        else:
+            self.conv_states[layer_idx].copy_(conv_state)
+        self.recurrent_states[layer_idx].copy_(recurrent_state)
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin [B, 1, T, D] of stream ``positions`` [B, T], looked up in the tables (a gather, no math)."""
+        return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+
+    def write_token(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Store one token's keys/values [B, Hkv, 1, D] at the device position; return the visible slots [slots].
+
+        Full attention: slots <= position. Ring: after the write, slot s holds the newest stream index j = s
+        (mod window) with j <= position, which is inside the window; slots > position were never written.
+        """
+        key_buffer, value_buffer = self.key_cache[layer_idx], self.value_cache[layer_idx]
+        ring = self.ring_sizes[layer_idx]
+        slot = self.position if ring is None else torch.remainder(self.position, ring)
+        key_buffer.index_copy_(2, slot, keys.to(key_buffer.dtype))
+        value_buffer.index_copy_(2, slot, values.to(value_buffer.dtype))
+        return self.slot_index[: key_buffer.shape[2]] <= self.position
+
+    def update_attention(
+        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, sliding_window: Optional[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A multi-token forward (eager): store its keys/values [B, Hkv, T, D]; return the visible cached ones
+        followed by the new ones, and the stream index of the first (as :meth:`NemotronFlashCache.update_attention`).
+        """
+        start, length = self.stream_length, keys.shape[2]
+        key_buffer, value_buffer = self.key_cache[layer_idx], self.value_cache[layer_idx]
+        ring = self.ring_sizes[layer_idx]
+        first = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+        if ring is None:
+            old = torch.arange(first, start, device=keys.device)
+            stored = torch.arange(start, start + length, device=keys.device)
+        else:
+            old = torch.arange(first, start, device=keys.device) % ring
+            kept = min(length, ring)  # older new keys fall out of the window before the next query
+            stored = torch.arange(start + length - kept, start + length, device=keys.device) % ring
+        all_keys = torch.cat([key_buffer.index_select(2, old).to(keys.dtype), keys], dim=2)
+        all_values = torch.cat([value_buffer.index_select(2, old).to(values.dtype), values], dim=2)
+        key_buffer.index_copy_(2, stored, keys[:, :, length - stored.numel():].to(key_buffer.dtype))
+        value_buffer.index_copy_(2, stored, values[:, :, length - stored.numel():].to(value_buffer.dtype))
+        return all_keys, all_values, first
+
+    def copy_from(self, other: "NemotronFlashStaticCache") -> None:
+        """Take ``other``'s state (same layout and capacity), broadcasting it to every row when it has one row
+        (one prompt prefilled once, decoded as a batch)."""
+        if other.layer_types != self.layer_types or other.stream_capacity != self.stream_capacity:
+            raise ValueError("NemotronFlashStaticCache.copy_from: the caches differ in layers or capacity")
+        if other.batch_size not in (1, self.batch_size):
+            raise ValueError(f"NemotronFlashStaticCache.copy_from: {other.batch_size} rows into {self.batch_size}")
+        for mine, theirs in zip(self.buffers(), other.buffers()):
+            mine.copy_(theirs.expand_as(mine))
+        self.position.copy_(other.position)
+        self.started, self.num_prefix_tokens = other.started, other.num_prefix_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select batch rows (beam search), in place."""
+        for tensor in self.buffers():
+            tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------------------------
@@ -329,7 +628,10 @@ class NemotronFlashRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        weight = self.weight
+        if weight.dtype != x.dtype:  # e.g. DeltaNet's output norm (fp32 input) in a bf16 model
+            weight = inference_constant(self, f"weight_{x.dtype}", lambda w: w.to(x.dtype), self.weight)
+        return rms_norm(x, weight, self.eps)
 
 
 class NemotronFlashGatedRMSNorm(nn.Module):
@@ -343,9 +645,13 @@ class NemotronFlashGatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         gated = y.float() * F.silu(gate.float())
-        grouped = gated.unflatten(-1, (-1, self.group_size))
-        normalized = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normalized.flatten(-2) * self.weight.float()).to(gate.dtype)
+        weight = inference_constant(self, "weight", _fp32, self.weight)
+        if self.group_size == gated.shape[-1]:
+            normalized = F.rms_norm(gated, (self.group_size,), weight, self.eps)
+        else:
+            grouped = F.rms_norm(gated.unflatten(-1, (-1, self.group_size)), (self.group_size,), None, self.eps)
+            normalized = grouped.flatten(-2) * weight
+        return normalized.to(gate.dtype)
 
 
 def _depthwise_conv(channels: int, kernel_size: int, bias: bool) -> nn.Conv1d:
@@ -373,13 +679,16 @@ class NemotronFlashDeltaNet(nn.Module):
         self.o_norm = NemotronFlashRMSNorm(self.head_dim, eps=DELTANET_OUTPUT_NORM_EPS)
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: Optional[NemotronFlashCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        if isinstance(cache, NemotronFlashStaticCache) and x.shape[1] == 1:
+            return self._decode_step(x, cache)
         batch, seq_len, _ = x.shape
         conv_q, conv_k, conv_v = (None, None, None)
         initial_state = None
-        if cache is not None and cache.conv_states[self.layer_idx] is not None:
-            conv_q, conv_k, conv_v = cache.conv_states[self.layer_idx]
-            initial_state = cache.recurrent_states[self.layer_idx]
+        if cache is not None:
+            conv_states, initial_state = cache.mixer_state(self.layer_idx)
+            if conv_states is not None:
+                conv_q, conv_k, conv_v = conv_states
 
         q, conv_q = causal_depthwise_conv1d(self.q_proj(x), self.q_conv1d.weight, None, conv_q)
         k, conv_k = causal_depthwise_conv1d(self.k_proj(x), self.k_conv1d.weight, None, conv_k)
@@ -404,10 +713,35 @@ class NemotronFlashDeltaNet(nn.Module):
             o, final_state = delta_rule_chunked(q, k, v, beta, initial_state)
 
         if cache is not None:
-            cache.conv_states[self.layer_idx] = (conv_q, conv_k, conv_v)
-            cache.recurrent_states[self.layer_idx] = final_state
+            cache.set_mixer_state(self.layer_idx, (conv_q, conv_k, conv_v), final_state)
         o = self.o_norm(o).to(x.dtype)
         return self.o_proj(o.reshape(batch, seq_len, -1))
+
+    def _decode_step(self, x: torch.Tensor, cache: NemotronFlashStaticCache) -> torch.Tensor:
+        """One token [B, 1, hidden] against the static cache: the same function as :meth:`forward`, with the three
+        short convolutions done as one and the recurrence as one delta-rule step (states updated in place)."""
+        batch = x.shape[0]
+        x_token = x[:, 0]
+        projected = torch.stack([self.q_proj(x_token), self.k_proj(x_token), self.v_proj(x_token)], dim=1)
+        conv_weight = inference_constant(
+            self, "stacked_conv_weight", lambda q, k, v: torch.stack([q, k, v])[:, :, 0].float(),
+            self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight,
+        )
+        # fp32 from the convolution to the output norm (the chunked path rounds q, k, v to x's dtype in between).
+        qkv = F.silu(causal_conv1d_step(projected, conv_weight, None, cache.conv_states[self.layer_idx]))
+        qkv = qkv.unflatten(-1, (self.num_heads, self.head_dim))  # [B, 3, H, dk]
+        # l2norm(t) = rms_norm(t, eps / dk) / sqrt(dk): one fused kernel for q and k. The delta-rule step scales q by
+        # dk^-0.5 again, so q is divided by dk in all here and the step is told to scale by 1.
+        scale = inference_constant(
+            self, "qk_scale",
+            lambda w: torch.tensor([self.head_dim**-1.0, self.head_dim**-0.5], device=w.device)[:, None, None],
+            self.q_proj.weight,
+        )
+        q, k = (F.rms_norm(qkv[:, :2], (self.head_dim,), None, L2NORM_EPS / self.head_dim) * scale).unbind(1)
+        beta = self.b_proj(x_token).float().sigmoid()
+        o = delta_rule_recurrent_step(q, k, qkv[:, 2], beta, cache.recurrent_states[self.layer_idx], scale=1.0)
+        o = self.o_norm(o).to(x.dtype)
+        return self.o_proj(o.reshape(batch, 1, -1))
 
 
 class NemotronFlashMamba2(nn.Module):
@@ -431,12 +765,13 @@ class NemotronFlashMamba2(nn.Module):
         self.norm = NemotronFlashGatedRMSNorm(self.d_inner, group_size=self.d_inner // self.num_groups)
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.mamba_proj_bias)
 
-    def forward(self, x: torch.Tensor, cache: Optional[NemotronFlashCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        if isinstance(cache, NemotronFlashStaticCache) and x.shape[1] == 1:
+            return self._decode_step(x, cache)
         batch, seq_len, _ = x.shape
         conv_state = initial_state = None
-        if cache is not None and cache.conv_states[self.layer_idx] is not None:
-            conv_state = cache.conv_states[self.layer_idx]
-            initial_state = cache.recurrent_states[self.layer_idx]
+        if cache is not None:
+            conv_state, initial_state = cache.mixer_state(self.layer_idx)
 
         z, xBC, dt = torch.split(
             self.in_proj(x), [self.d_inner, self.d_inner + 2 * self.state_dim, self.num_heads], dim=-1
@@ -450,9 +785,29 @@ class NemotronFlashMamba2(nn.Module):
             x_ssm.reshape(batch, seq_len, self.num_heads, self.head_dim), dt, A, B, C, self.D, initial_state
         )
         if cache is not None:
-            cache.conv_states[self.layer_idx] = conv_state
-            cache.recurrent_states[self.layer_idx] = final_state
+            cache.set_mixer_state(self.layer_idx, conv_state, final_state)
         y = self.norm(y.reshape(batch, seq_len, self.d_inner), z)
+        return self.out_proj(y)
+
+    def _decode_step(self, x: torch.Tensor, cache: NemotronFlashStaticCache) -> torch.Tensor:
+        """One token [B, 1, hidden] against the static cache: conv step and SSM step, states updated in place."""
+        batch = x.shape[0]
+        z, xBC, dt = torch.split(
+            self.in_proj(x[:, 0]), [self.d_inner, self.d_inner + 2 * self.state_dim, self.num_heads], dim=-1
+        )
+        conv_weight = inference_constant(self, "conv_weight", lambda w: w[:, 0].float(), self.conv1d.weight)
+        conv_bias = None
+        if self.conv1d.bias is not None:
+            conv_bias = inference_constant(self, "conv_bias", _fp32, self.conv1d.bias)
+        # fp32 from the convolution on (the chunked path rounds x, B, C to x's dtype after it).
+        xBC = F.silu(causal_conv1d_step(xBC, conv_weight, conv_bias, cache.conv_states[self.layer_idx]))
+        x_ssm, B, C = torch.split(xBC, [self.d_inner, self.state_dim, self.state_dim], dim=-1)
+        dt = F.softplus(dt.float() + inference_constant(self, "dt_bias", _fp32, self.dt_bias))
+        A = inference_constant(self, "A", lambda a: -torch.exp(a.float()), self.A_log)
+        D = inference_constant(self, "D", _fp32, self.D)
+        y = mamba2_recurrent_step(x_ssm.reshape(batch, self.num_heads, self.head_dim), dt, A, B, C, D,
+                                  cache.recurrent_states[self.layer_idx])
+        y = self.norm(y.reshape(batch, 1, self.d_inner), z.unsqueeze(1))
         return self.out_proj(y)
 
 
@@ -468,24 +823,27 @@ class NemotronFlashAttention(nn.Module):
         self.rope_theta = config.rope_theta
         self.use_rope = config.rope
         self.attention_dropout = config.attention_dropout
-        uses_window = config.sliding_window is not None and layer_idx not in (config.global_attn_idx or [])
-        self.sliding_window = config.sliding_window if uses_window else None
+        self.sliding_window = attention_window(config, layer_idx)
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: Optional[NemotronFlashCache] = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
+        decode_step = isinstance(cache, NemotronFlashStaticCache) and seq_len == 1
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.use_rope:
-            cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
+            if decode_step:
+                cos, sin = cache.rotary(positions)
+            else:
+                cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
+        if decode_step:
+            return self._decode_step(q, k, v, cache)
 
         # Stream indices (memory + text tokens) of the queries and of the first key, for the causal/window mask.
         first_query_index = 0 if cache is None else cache.stream_length
@@ -513,6 +871,21 @@ class NemotronFlashAttention(nn.Module):
             dropout_p=self.attention_dropout if self.training else 0.0, scale=self.head_dim**-0.5,
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+    def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cache: NemotronFlashStaticCache) -> torch.Tensor:
+        """One token (q [B, H, 1, D], k/v [B, Hkv, 1, D], RoPE applied) against the whole static buffer, masked
+        by the device position."""
+        batch = q.shape[0]
+        visible = cache.write_token(self.layer_idx, k, v)
+        keys, values = cache.key_cache[self.layer_idx], cache.value_cache[self.layer_idx]
+        # Query head h reads KV head h // (H / Hkv) (as repeat_interleave pairs them): the query heads of a KV head
+        # become query rows of it, so GQA needs no per-step copy of the buffer.
+        grouped = q.reshape(batch, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(
+            grouped, keys, values, attn_mask=visible.view(1, 1, 1, -1), scale=self.head_dim**-0.5
+        )
+        return self.o_proj(out.reshape(batch, 1, -1))
 
 
 class NemotronFlashMLP(nn.Module):
@@ -593,6 +966,17 @@ def _init_unless_loaded(tensor: torch.Tensor, init_fn) -> None:
     if not getattr(tensor, "_is_hf_initialized", False):
         with torch.no_grad():
             init_fn(tensor)
+
+
+def _cache_argument(past_key_values, kwargs: dict):
+    """The cache under either name: transformers 5.24 renamed ``past_key_values`` to ``cache`` (its ``generate``
+    passes ``cache=``), older releases pass ``past_key_values=``; ignoring one would silently decode without
+    history."""
+    if "cache" not in kwargs:
+        return past_key_values
+    if past_key_values is not None:
+        raise ValueError("pass the cache as either cache= or past_key_values=, not both")
+    return kwargs.pop("cache")
 
 
 class NemotronFlashPreTrainedModel(PreTrainedModel):
@@ -687,6 +1071,7 @@ class NemotronFlashModel(NemotronFlashPreTrainedModel):
         Without them, positions continue from the cache."""
         if kwargs.get("output_attentions"):
             raise NotImplementedError("NemotronFlash does not return attention weights")
+        past_key_values = _cache_argument(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if attention_mask is not None and (attention_mask.dim() != 2 or not bool(attention_mask.all())):
@@ -704,9 +1089,12 @@ class NemotronFlashModel(NemotronFlashPreTrainedModel):
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; not caching.")
             use_cache = False
 
-        if past_key_values is not None and not isinstance(past_key_values, NemotronFlashCache):
+        if past_key_values is not None and not isinstance(
+            past_key_values, (NemotronFlashCache, NemotronFlashStaticCache)
+        ):
             raise TypeError(
-                f"past_key_values must be a NemotronFlashCache (from a previous forward), got {type(past_key_values)}"
+                "past_key_values must be a NemotronFlashCache (from a previous forward) or a "
+                f"NemotronFlashStaticCache (model.make_static_cache), got {type(past_key_values)}"
             )
 
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -714,21 +1102,36 @@ class NemotronFlashModel(NemotronFlashPreTrainedModel):
         cache = past_key_values
         if cache is None and use_cache:
             cache = NemotronFlashCache(self.config)
+        static = isinstance(cache, NemotronFlashStaticCache)
+        if static and (cache.batch_size != batch or cache.dtype != hidden.dtype or cache.device != hidden.device):
+            raise ValueError(
+                f"NemotronFlashStaticCache of batch {cache.batch_size}, {cache.dtype} on {cache.device} cannot take "
+                f"a batch of {batch} in {hidden.dtype} on {hidden.device} (make it with model.make_static_cache)"
+            )
 
         # Memory tokens start every sequence: prepend them when nothing has been seen yet.
         prepend = self.memory_tokens is not None and (cache is None or cache.is_empty)
         num_prefix = self.num_memory_tokens if prepend else 0
-        if position_ids is None:
-            past_text = 0 if cache is None else cache.get_seq_length()
-            position_ids = torch.arange(past_text, past_text + num_text_tokens, device=hidden.device)
-        positions = position_ids.to(hidden.device).long().view(-1, num_text_tokens).expand(batch, -1)
-        if self.memory_tokens is not None:
-            positions = positions + self.num_memory_tokens
+        if static and num_prefix + num_text_tokens > 1:
+            cache.check_room(num_prefix + num_text_tokens)
+        if static and position_ids is None:
+            # Stream positions from the cache's device counter: no host-side length, so that one captured decode
+            # step serves every position.
+            offsets = torch.arange(num_prefix + num_text_tokens, device=hidden.device)
+            positions = (cache.position + offsets).unsqueeze(0).expand(batch, -1)
+        else:
+            if position_ids is None:
+                past_text = 0 if cache is None else cache.get_seq_length()
+                position_ids = torch.arange(past_text, past_text + num_text_tokens, device=hidden.device)
+            positions = position_ids.to(hidden.device).long().view(-1, num_text_tokens).expand(batch, -1)
+            if self.memory_tokens is not None:
+                positions = positions + self.num_memory_tokens
+            if prepend:
+                memory_positions = torch.arange(num_prefix, device=hidden.device).unsqueeze(0).expand(batch, -1)
+                positions = torch.cat([memory_positions, positions], dim=1)
         if prepend:
             memory = self.memory_tokens.to(hidden.dtype).unsqueeze(0).expand(batch, -1, -1)
             hidden = torch.cat([memory, hidden], dim=1)
-            memory_positions = torch.arange(num_prefix, device=hidden.device).unsqueeze(0).expand(batch, -1)
-            positions = torch.cat([memory_positions, positions], dim=1)
 
         all_hidden = []
         for layer in self.layers:
@@ -781,11 +1184,20 @@ class NemotronFlashForCausalLM(NemotronFlashPreTrainedModel, GenerationMixin):
     def set_decoder(self, decoder):
         self.model = decoder
 
+    def make_static_cache(self, batch_size: int, max_length: int) -> NemotronFlashStaticCache:
+        """A :class:`NemotronFlashStaticCache` for ``batch_size`` sequences of up to ``max_length`` text tokens
+        (prompt + generated; memory tokens come on top), in this model's dtype and on its device."""
+        return NemotronFlashStaticCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
+
     def output_row_inverse_norms(self) -> torch.Tensor:
         """1 / ||W_v|| (fp32) for each vocabulary row of the output embedding."""
         weight = self.lm_head.weight
         if torch.is_grad_enabled() and weight.requires_grad:
             return 1.0 / weight.float().norm(dim=1).clamp_min(1e-12)
+        if torch.compiler.is_compiling() and self._inverse_row_norms is not None:
+            # Inference under torch.compile (a compiled decode step): the norms computed by an eager call before
+            # are a constant of the compiled code; the storage check below would only break its graph.
+            return self._inverse_row_norms[1]
         key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, weight.shape)
         if self._inverse_row_norms is None or self._inverse_row_norms[0] != key:
             self._inverse_row_norms = (key, 1.0 / weight.detach().float().norm(dim=1).clamp_min(1e-12))
@@ -808,6 +1220,7 @@ class NemotronFlashForCausalLM(NemotronFlashPreTrainedModel, GenerationMixin):
         """Logits (fp32) are ``h @ (W / ||W||_row)^T``. ``logits_to_keep``: 0 = all positions, n = the last n.
         ``labels`` give the usual shifted next-token cross-entropy (ignore index -100)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        past_key_values = _cache_argument(past_key_values, kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids,
@@ -849,6 +1262,7 @@ class NemotronFlashForCausalLM(NemotronFlashPreTrainedModel, GenerationMixin):
 
 __all__ = [
     "NemotronFlashCache",
+    "NemotronFlashStaticCache",
     "NemotronFlashForCausalLM",
     "NemotronFlashModel",
     "NemotronFlashPreTrainedModel",

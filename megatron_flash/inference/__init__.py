@@ -1,0 +1,1 @@
+"""Inference drivers for exported (Hugging Face layout) Nemotron-Flash models: :mod:`.graph_decode`."""

@@ -1,0 +1,228 @@
+"""The static cache of the Hugging Face modeling code and the graph-decode driver, on the CPU (fp32): generations
+through the static cache equal those through the dynamic cache (``generate``) token for token with matching logits,
+for a model with every layer type (DeltaNet, Mamba2, full and sliding-window attention, FFN) and prompts longer than
+the window; a decode step never reads a value on the host and runs the same operations on the same shapes at every
+step (what a CUDA graph replay needs)."""
+
+import shutil
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_flash.hf import configuration_nemotron_flash, modeling_nemotron_flash
+from megatron_flash.hf.modeling_nemotron_flash import NemotronFlashForCausalLM, NemotronFlashStaticCache
+from megatron_flash.inference import graph_decode
+from tests.test_hf_modeling import assert_close, randomize_, tiny_config
+
+WINDOW = 5
+# D F M F A(global) F S(window 5) F
+LAYER_TYPES = ["deltanet", "f", "m2", "f", "a", "f", "a", "f"]
+
+
+def every_layer_config(**overrides):
+    fields = dict(layer_types=LAYER_TYPES, sliding_window=WINDOW, global_attn_idx=[4])
+    fields.update(overrides)
+    return tiny_config(**fields)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = NemotronFlashForCausalLM(every_layer_config()).eval()
+    randomize_(model, seed=21)
+    return model
+
+
+def prompt(length, batch=2, seed=22):
+    return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def dynamic_generate(model, ids, new_tokens):
+    """transformers' generate() through the dynamic NemotronFlashCache: tokens [B, new] and logits [B, new, V]."""
+    out = model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    assert isinstance(out.past_key_values, modeling_nemotron_flash.NemotronFlashCache)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1)
+
+
+def test_layer_kinds_are_all_there(model):
+    windows = [layer.self_attn.sliding_window for layer in model.model.layers if hasattr(layer, "self_attn")]
+    assert windows == [None, WINDOW]
+    cache = model.make_static_cache(2, 30)
+    assert cache.ring_sizes[6] == WINDOW and cache.key_cache[6].shape[2] == WINDOW
+    assert cache.ring_sizes[4] is None and cache.key_cache[4].shape[2] == 64  # 6 memory + 30 text, rounded up
+    assert cache.conv_states[0].shape == (2, 3, 64, 3) and cache.recurrent_states[2].dtype == torch.float32
+
+
+@pytest.mark.parametrize("prompt_length", [12, 3])
+def test_static_generation_equals_dynamic_generate(model, prompt_length):
+    """Prompt longer than the window (12) and shorter (3); 14 new tokens wrap the 5-slot ring several times."""
+    ids = prompt(prompt_length)
+    with torch.no_grad():
+        expected_tokens, expected_logits = dynamic_generate(model, ids, 14)
+    result = graph_decode.greedy_generate(model, ids, 14, keep_logits=True)
+    assert not result.steps.cuda_graph and result.steps.num_steps == 13
+    assert torch.equal(result.tokens, expected_tokens)
+    assert_close(result.logits, expected_logits, 1e-5)
+
+
+def test_generate_accepts_a_static_cache(model):
+    """transformers' generate() decoding through a static cache passed in (eagerly) gives its usual tokens."""
+    ids = prompt(12, seed=31)
+    with torch.no_grad():
+        expected, _ = dynamic_generate(model, ids, 8)
+        cache = model.make_static_cache(2, 30)
+        out = model.generate(ids, past_key_values=cache, do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                             pad_token_id=0)
+    assert torch.equal(out[:, 12:], expected)
+    assert cache.get_seq_length() == 12 + 8 - 1
+
+
+def test_chunked_prompt_into_the_static_cache(model):
+    """A prompt given in three pieces (attention over cached + new keys, ring writes of several tokens)."""
+    ids = prompt(17, seed=23)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = model.make_static_cache(2, 20)
+        pieces = [model(ids[:, a:b], past_key_values=cache).logits for a, b in ((0, 7), (7, 15), (15, 16))]
+        pieces.append(model(ids[:, 16:], past_key_values=cache).logits)  # one token: the decode-step path
+    assert_close(torch.cat(pieces, dim=1), full, 2e-5)
+    assert cache.get_seq_length() == 17 and cache.stream_length == 17 + 6
+
+
+def test_one_prompt_broadcast_to_a_batch(model):
+    """copy_from: one prefilled row decoded as a batch of 3 gives each row the single-sequence tokens."""
+    ids = prompt(9, batch=1, seed=24)
+    single = graph_decode.greedy_generate(model, ids, 6)
+    one_row = model.make_static_cache(1, 20)
+    first = graph_decode.prefill(model, ids, one_row).argmax(-1, keepdim=True)
+    batch = model.make_static_cache(3, 20)
+    batch.copy_from(one_row)
+    result = graph_decode.decode(model, batch, first.expand(3, 1), 6)
+    assert torch.equal(result.tokens, single.tokens.expand(3, -1))
+
+
+def test_cache_reuse_after_reset(model):
+    ids = prompt(8, seed=25)
+    cache = model.make_static_cache(2, 16)
+    first = graph_decode.greedy_generate(model, ids, 5, cache=cache)
+    graph_decode.greedy_generate(model, prompt(8, seed=26), 5, cache=cache)
+    again = graph_decode.greedy_generate(model, ids, 5, cache=cache)
+    assert torch.equal(first.tokens, again.tokens)
+
+
+class OpTrace(TorchDispatchMode):
+    """Every aten op run: its name, the shapes/dtypes of its tensor arguments and its other arguments."""
+
+    # Ops that read a tensor's value on the host (or size an output by it): a device synchronization, and a value
+    # frozen into a CUDA graph at capture.
+    HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "item", "unique", "_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+
+        def describe(a):
+            if isinstance(a, torch.Tensor):
+                return ("tensor", tuple(a.shape), a.dtype)
+            if isinstance(a, (list, tuple)):
+                return tuple(describe(x) for x in a)
+            return repr(a)
+
+        self.ops.append((func.__name__, describe(args), describe(sorted(kwargs.items()))))
+        return func(*args, **kwargs)
+
+    def host_reads(self):
+        return [op[0] for op in self.ops if op[0].split(".")[0] in self.HOST_READS]
+
+
+def test_decode_step_is_graph_replayable(model):
+    """What a replay of one captured step needs: no host reads, and every step runs the same ops on the same
+    shapes with the same non-tensor arguments (no Python value that changes with the position)."""
+    ids = prompt(11, seed=27)
+    cache = model.make_static_cache(2, 30)
+    logits = graph_decode.prefill(model, ids, cache)
+    tokens = logits.argmax(-1, keepdim=True)
+    traces = []
+    with torch.no_grad():
+        for _ in range(3):
+            with OpTrace() as trace:
+                tokens = model(input_ids=tokens, past_key_values=cache, use_cache=True).logits[:, -1].argmax(
+                    -1, keepdim=True)
+            traces.append(trace)
+    for trace in traces:
+        assert trace.host_reads() == []
+    assert len(traces[0].ops) > 50
+    assert traces[1].ops == traces[0].ops and traces[2].ops == traces[0].ops
+
+
+def test_errors_name_the_problem(model):
+    cache = model.make_static_cache(2, 10)
+    with pytest.raises(ValueError, match="capacity 16"):
+        model(prompt(11), past_key_values=cache)
+    with pytest.raises(ValueError, match="batch of 3"):
+        model(prompt(4, batch=3), past_key_values=cache)
+    with pytest.raises(ValueError, match="prefill"):
+        graph_decode.decode(model, cache, torch.zeros(2, 1, dtype=torch.long), 4)
+    graph_decode.prefill(model, prompt(8), cache)
+    with pytest.raises(ValueError, match="needs 11"):
+        graph_decode.decode(model, cache, torch.zeros(2, 1, dtype=torch.long), 4)
+    with pytest.raises(TypeError, match="static cache"):
+        graph_decode.prefill(model, prompt(4), modeling_nemotron_flash.NemotronFlashCache(model.config))
+    with pytest.raises(ValueError, match="positive"):
+        NemotronFlashStaticCache(model.config, 0, 4)
+
+
+def test_remote_code_model_decodes_through_the_driver(model, tmp_path):
+    """The classes transformers loads from an exported folder (a copy of the modeling file) work with the driver."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path)
+    for module in (configuration_nemotron_flash, modeling_nemotron_flash):
+        shutil.copy(module.__file__, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(loaded).__module__ != NemotronFlashForCausalLM.__module__
+    ids = prompt(7, seed=28)
+    expected = graph_decode.greedy_generate(model, ids, 5)
+    result = graph_decode.greedy_generate(loaded, ids, 5)
+    assert torch.equal(result.tokens, expected.tokens)
+
+
+def test_bfloat16_static_decode_tracks_dynamic(model):
+    """bf16 weights: the static cache keeps fp32 states and bf16 keys/values; fed the same tokens, its logits stay
+    near the dynamic cache's (the two round differently, so only closeness is asserted)."""
+    bf16 = NemotronFlashForCausalLM(every_layer_config()).eval()
+    bf16.load_state_dict(model.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    ids, fed = prompt(9, seed=29), prompt(6, seed=30)
+    static = bf16.make_static_cache(2, 15)
+    assert static.key_cache[4].dtype == torch.bfloat16 and static.recurrent_states[0].dtype == torch.float32
+    with torch.no_grad():
+        dynamic = bf16(ids, use_cache=True).past_key_values
+        assert torch.equal(bf16(ids, past_key_values=static).logits, bf16(ids).logits)  # the prompt: one path
+        for t in range(fed.shape[1]):
+            expected = bf16(fed[:, t:t + 1], past_key_values=dynamic).logits
+            actual = bf16(fed[:, t:t + 1], past_key_values=static).logits
+            assert_close(actual, expected, 0.03)
+
+
+def test_benchmark_qwen3_baseline_decodes_like_generate(tmp_path):
+    """benchmarks/gpu_decode.py's Qwen3 baseline (one step over transformers' StaticCache, what it captures on a GPU)
+    at toy size: its tokens equal transformers' generate(), and generate() with a static cache runs."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_decode.py")
+    spec = importlib.util.spec_from_file_location("gpu_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--smoke", "--out", str(tmp_path)])
+    result = bench.qwen3_section("qwen3_0.6b", args, bench.Recorder(str(tmp_path)))
+    assert "error" not in result["graph"], result["graph"]
+    assert result["graph"]["check"] == {"graph_equals_eager": True, "leading_tokens_equal_to_generate": 6}
+    assert result["generate"]["new_tokens"] == args.qwen_generate_tokens
+    assert result["graph"]["ms_per_token"] > 0 and result["generate"]["ms_per_token"] > 0
