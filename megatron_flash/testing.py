@@ -1,6 +1,7 @@
 """Run a function in N local processes that form one torch.distributed job (gloo on CPU, NCCL on GPUs).
 
 Used by the tests to check TP/PP/DP equivalence and by benchmarks; nothing leaves the loopback interface.
+:func:`weight_norm_invariants` is the per-step check both use on the optimizer's state.
 
     def body(tp):                      # module-level, so spawned processes can import it
         ...                            # runtime.initialize() has already run: groups and seeds are set
@@ -119,3 +120,33 @@ def init_layout_invariant(model, global_name=lambda name: name, seed: int = 0, s
         full = torch.randn(full_shape, generator=gen, dtype=torch.float32)
         full = full * std if param.dim() >= 2 else 1.0 + 0.1 * full
         param.copy_(shard_of(full, param, tp, tp_rank))
+
+
+@torch.no_grad()
+def weight_norm_invariants(optimizer) -> dict:
+    """The weight-normalization invariants after an optimizer step, on the full matrices.
+
+    ``worst_norm_error``: the largest |norm - 1| over the normalized rows/columns of every full (TP-gathered,
+    DP-assembled) fp32 main param; ``checked_matrices``: how many matrices that covers (0 would make the check
+    vacuous); ``bf16_mismatches``: how many low-precision model params differ from their rounded main param.
+    Collective: every rank calls it (the distributed optimizer's shards are assembled with all-reduces over DP, TP
+    shards with all-gathers); each rank reports its own pipeline stage.
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_flash.models import layout
+    from megatron_flash.training.checkpointing import _full, _optimizer_entries
+
+    worst, checked, mismatched = 0.0, 0, 0
+    for _, model_param, main_param, start, group in _optimizer_entries(optimizer):
+        full_main = _full(model_param, main_param, start, group)
+        if model_param.dtype != torch.float32:
+            mismatched += int(not torch.equal(full_main.to(model_param.dtype), model_param.data))
+        kind = getattr(model_param, "weight_norm", None)
+        if kind is None:
+            continue
+        full = layout.gather_full(full_main, model_param, ps.get_tensor_model_parallel_group())
+        norms = full.norm(dim=1 if kind == "rows" else 0)
+        worst = max(worst, float((norms - 1).abs().max()))
+        checked += 1
+    return {"worst_norm_error": worst, "checked_matrices": checked, "bf16_mismatches": mismatched}

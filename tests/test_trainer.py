@@ -13,25 +13,11 @@ BASE = ["--mock-data", "--seq-length", "24", "--micro-batch-size", "2", "--globa
 
 
 def _check_step(iteration, model, optimizer, record):
-    """Norms of every normalized row/column of the full (TP-gathered, DP-assembled) fp32 main params, and
-    whether each low-precision model param equals its rounded main param."""
-    from megatron.core import parallel_state as ps
+    """Weight-norm invariants of the full (TP-gathered, DP-assembled) fp32 main params, and whether each
+    low-precision model param equals its rounded main param."""
+    from megatron_flash.testing import weight_norm_invariants
 
-    from megatron_flash.models import layout
-    from megatron_flash.training.checkpointing import _full, _optimizer_entries
-
-    worst, mismatched = 0.0, 0
-    for _, model_param, main_param, start, group in _optimizer_entries(optimizer):
-        full_main = _full(model_param, main_param, start, group)
-        if model_param.dtype != torch.float32:
-            mismatched += int(not torch.equal(full_main.to(model_param.dtype), model_param.data))
-        kind = getattr(model_param, "weight_norm", None)
-        if kind is None:
-            continue
-        full = layout.gather_full(full_main, model_param, ps.get_tensor_model_parallel_group())
-        norms = full.norm(dim=1 if kind == "rows" else 0)
-        worst = max(worst, float((norms - 1).abs().max()))
-    record.append({"worst_norm_error": worst, "bf16_mismatches": mismatched})
+    record.append(weight_norm_invariants(optimizer))
 
 
 def _train(argv, check=False):
@@ -103,6 +89,17 @@ def test_distributed_optimizer_checkpoint_resumes_and_reshards(tmp_path):
           "--use-distributed-optimizer"], world=4, tp=2)
     resumed = _run(["--train-iters", "5", "--load", ckpt])[0]
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full[2:]), rtol=1e-5, atol=0)
+
+
+def test_checkpoint_saved_at_tp2_resumes_under_pp2(tmp_path):
+    """Layers are saved under their global index and loaded under the second stage's local names."""
+    full = _run(["--train-iters", "4"])[0]["losses"]
+    ckpt = str(tmp_path / "ckpt")
+    _run(["--train-iters", "4", "--save", ckpt, "--exit-interval", "2", "--tensor-model-parallel-size", "2"],
+         world=2, tp=2)
+    resumed = _run(["--train-iters", "4", "--load", ckpt, "--pipeline-model-parallel-size", "2"], world=2, pp=2)
+    for r in resumed:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(full[2:]), rtol=1e-5, atol=0)
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):

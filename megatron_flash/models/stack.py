@@ -6,6 +6,7 @@ from functools import partial
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.utils import sharded_state_dict_default
@@ -41,11 +42,17 @@ class HybridStack(MegatronModule):
         self.input_tensor = input_tensor
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """Layers under their global index, so a checkpoint loads under any pipeline split."""
+        """Layers under their global index in the checkpoint, so it loads under any pipeline split.
+
+        As in megatron's TransformerBlock: the dict keys stay this stage's module names (``layers.{local}.``, what
+        ``load_state_dict`` expects), only the sharded keys get the global index.
+        """
         sharded = {}
-        for layer in self.layers:
-            sharded.update(layer.sharded_state_dict(f"{prefix}layers.{layer.layer_number - 1}.", sharded_offsets,
-                                                    metadata))
+        for local, layer in enumerate(self.layers):
+            module_prefix, global_prefix = f"{prefix}layers.{local}.", f"{prefix}layers.{layer.layer_number - 1}."
+            layer_sharded = layer.sharded_state_dict(module_prefix, sharded_offsets, metadata)
+            replace_prefix_for_sharding(layer_sharded, module_prefix, global_prefix)
+            sharded.update(layer_sharded)
         if self.final_norm is not None:
             sharded.update(sharded_state_dict_default(
                 self.final_norm, f"{prefix}final_norm.", sharded_offsets, metadata,
