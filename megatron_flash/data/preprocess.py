@@ -307,6 +307,11 @@ def run(config: PreprocessConfig) -> Summary:
                     writer.add_documents(result.tokens[key], result.lengths[key])
                 _account(summary, result)
                 progress.update(result.documents, result.nbytes)
+            # Let the workers exit on their own: the with-block's terminate() can hit a worker that is still
+            # starting, before _init_worker replaced the SIGTERM handler it inherited (which raises), and a
+            # fork hook that swallows that exception leaves the pool waiting for it forever.
+            pool.close()
+            pool.join()
         for key, writer in writers.items():
             writer.commit()
             summary.tokens[key] = writer.tokens
