@@ -715,7 +715,7 @@ def _progress(r: _Running, train_iters: int, now: float) -> tuple:
 
 def run_all(args, plan: dict, start_time: float) -> None:
     """Train every planned run that is not done yet."""
-    from megatron_flash.design.candidates import _die_with_parent
+    from megatron_flash.design.candidates import die_with_parent
     from megatron_flash.runtime import free_port
 
     train_iters = plan["settings"]["train_iters"]
@@ -777,7 +777,7 @@ def run_all(args, plan: dict, start_time: float) -> None:
                 log = open(os.path.join(run["dir"], "train.log"), "a" if args.resumable else "w", encoding="utf-8")
                 cmd = [sys.executable, "-m", "experiments.paper_findings", "worker", "--run-dir", run["dir"]]
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                        preexec_fn=_die_with_parent)
+                                        preexec_fn=die_with_parent)
                 running[run["name"]] = _Running(run, proc, log, port, time.time())
                 print(f"[run] started {run['name']} (pid {proc.pid}, MASTER_PORT {port}); log "
                       f"{os.path.join(run['dir'], 'train.log')}", flush=True)

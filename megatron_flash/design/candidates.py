@@ -180,7 +180,7 @@ def main(argv=None) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _die_with_parent():
+def die_with_parent():
     """preexec_fn: the worker gets SIGKILL when the process that started it dies (Linux), so killing a search
     never leaves orphans training."""
     try:
@@ -250,7 +250,7 @@ class LocalLauncher:
                     proc = subprocess.Popen(
                         [self.python, "-m", "megatron_flash.design.candidates", "--candidate", folder],
                         stdout=log, stderr=subprocess.STDOUT, env=self._env(slot), cwd=REPO,
-                        preexec_fn=_die_with_parent)
+                        preexec_fn=die_with_parent)
                     running[slot] = (cid, folder, proc, log)
                 time.sleep(self.poll_seconds)
                 for slot, (cid, folder, proc, log) in list(running.items()):
