@@ -58,6 +58,7 @@ from megatron.core.transformer.module import MegatronModule  # noqa: E402
 
 from megatron_flash import runtime  # noqa: E402
 from megatron_flash.layers.attention import window_of  # noqa: E402
+from megatron_flash.testing import relative_error  # noqa: E402
 
 # Bounds on relative error against the fp32 reference. One bf16 rounding of a Gaussian tensor is ~1.7e-3; a bf16
 # path stacks a few (the output, the probabilities fed to the PV product in flash kernels, the projections and RoPE
@@ -81,11 +82,6 @@ _START = time.perf_counter()
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - _START:7.1f} s] {message}", flush=True)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flash import runtime  # noqa: E402
+from megatron_flash.testing import relative_error  # noqa: E402
 
 # Bounds on relative error of bf16 paths against the fp32 definition; bf16 rounding alone of o is ~4e-3.
 TOLERANCE = {"forward": 2e-2, "backward": 3e-2}
@@ -55,11 +56,6 @@ _START = time.perf_counter()
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - _START:7.1f} s] {message}", flush=True)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def fla_available(device: torch.device) -> bool:

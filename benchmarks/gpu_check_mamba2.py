@@ -26,6 +26,7 @@ import torch
 
 from megatron_flash import runtime
 from megatron_flash.ops.ssd import fla_backward_unsupported_reason, ssd_reference, ssd_scan
+from megatron_flash.testing import relative_error
 
 FULL = dict(scan=dict(batch=2, length=1000, heads=8, head_dim=64, state_dim=128, chunk=64),
             layer=dict(hidden=2048, head_dim=64, state_dim=128, batch=8, length=4096, chunk=64),
@@ -34,11 +35,6 @@ SMOKE = dict(scan=dict(batch=1, length=50, heads=2, head_dim=8, state_dim=8, chu
              layer=dict(hidden=64, head_dim=16, state_dim=16, batch=2, length=64, chunk=16),
              warmup=1, iters=2)
 SCAN_INPUTS = ("x", "dt", "A", "Bm", "Cm", "D")
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    want = want.double()
-    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def scan_inputs(batch, length, heads, head_dim, state_dim, device, seed=0) -> dict:

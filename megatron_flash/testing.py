@@ -150,3 +150,9 @@ def weight_norm_invariants(optimizer) -> dict:
         worst = max(worst, float((norms - 1).abs().max()))
         checked += 1
     return {"worst_norm_error": worst, "checked_matrices": checked, "bf16_mismatches": mismatched}
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float64 (the measure every GPU check reports against its reference)."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
