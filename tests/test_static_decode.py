@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megatron_flash.hf import configuration_nemotron_flash, modeling_nemotron_flash
 from megatron_flash.hf.modeling_nemotron_flash import NemotronFlashForCausalLM, NemotronFlashStaticCache
 from megatron_flash.inference import graph_decode
-from tests.test_hf_modeling import assert_close, randomize_, tiny_config
+from tests.test_hf_modeling import assert_close, prompt, randomize_, ref_deltanet, ref_mamba2, tiny_config
 
 WINDOW = 5
 # D F M F A(global) F S(window 5) F
@@ -34,16 +34,29 @@ def model():
     return model
 
 
-def prompt(length, batch=2, seed=22):
-    return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 def dynamic_generate(model, ids, new_tokens):
     """transformers' generate() through the dynamic NemotronFlashCache: tokens [B, new] and logits [B, new, V]."""
     out = model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          return_dict_in_generate=True, output_logits=True, pad_token_id=0)
     assert isinstance(out.past_key_values, modeling_nemotron_flash.NemotronFlashCache)
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("mixer,layer_idx,reference", [
+    (modeling_nemotron_flash.NemotronFlashDeltaNet, 0, ref_deltanet),
+    (modeling_nemotron_flash.NemotronFlashMamba2, 2, ref_mamba2),
+])
+def test_one_token_steps_match_the_sequential_reference(mixer, layer_idx, reference):
+    """The static cache's one-token path (conv step, delta-rule / SSM step), token by token over 70 tokens, equals
+    the plain sequential recurrence of the test references over the whole sequence."""
+    config = tiny_config()
+    module = mixer(config, layer_idx=layer_idx)
+    randomize_(module, seed=41)
+    x = torch.randn(2, 70, config.hidden_size, generator=torch.Generator().manual_seed(42))
+    cache = NemotronFlashStaticCache(config, batch_size=2, max_length=70)
+    with torch.no_grad():
+        steps = torch.cat([module(x[:, t:t + 1], cache=cache) for t in range(70)], dim=1)
+        assert_close(steps, reference(module, x.double()), 2e-5)
 
 
 def test_layer_kinds_are_all_there(model):
