@@ -128,3 +128,42 @@ def test_profile_latency_cli_table_predict_and_model(tmp_path, capsys):
     assert "MFMF @ 96:" in printed and "throughput at batch 4" in printed
     assert tool.main(["predict", "--table", str(out), "--pattern", "DF", "--hidden", "64"]) == 2
     assert "'D'" in capsys.readouterr().err
+
+
+def test_profile_latency_table_resumes_after_a_crash(tmp_path, capsys, monkeypatch):
+    """Each width is saved as it is measured: a table killed after its first width resumes with the second only."""
+    tool = load_tool("profile_latency")
+    out = tmp_path / "t.json"
+    partial = tmp_path / "t.json.partial"
+    args = ["table", "--preset", "tiny", "--widths", "64,128", "--operators", "F", "--layers-per-measurement", "1",
+            "--no-validate", "--output", str(out), "--new-tokens", "4", "--timed-steps", "2", "--repeats", "1",
+            "--warmup", "0", "--threads", "1"]
+    measured = []
+    real_measure = latency.measure_model
+
+    def crash_at_128(rule, pattern, hidden, *rest, **kw):
+        if hidden == 128:
+            raise KeyboardInterrupt  # stands for the kill: nothing after this point runs
+        measured.append(hidden)
+        return real_measure(rule, pattern, hidden, *rest, **kw)
+
+    monkeypatch.setattr(latency, "measure_model", crash_at_128)
+    with pytest.raises(KeyboardInterrupt):
+        tool.main(args)
+    assert not out.exists() and latency.LatencyTable.load(str(partial)).widths == [64]
+    first = latency.LatencyTable.load(str(partial))
+
+    measured.clear()
+    monkeypatch.setattr(latency, "measure_model", lambda rule, pattern, hidden, *rest, **kw: (
+        measured.append(hidden) or real_measure(rule, pattern, hidden, *rest, **kw)))
+    assert tool.main(args) == 0
+    assert "resuming" in capsys.readouterr().out
+    table = latency.LatencyTable.load(str(out))
+    assert table.widths == [64, 128] and table.ops["F"][0] == first.ops["F"][0] and table.base[0] == first.base[0]
+    assert set(measured) == {128} and not partial.exists()  # 64 came from the partial table; warm-up at 128
+
+    # a partial table of another setting is not mixed in: the error names the file and the difference
+    first.save(str(partial))
+    assert tool.main([a if a != "F" else "M" for a in args]) == 2
+    err = capsys.readouterr().err
+    assert str(partial) in err and "operators" in err and partial.exists()

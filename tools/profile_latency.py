@@ -134,8 +134,19 @@ def cmd_table(args) -> int:
     print(f"[latency] {latency.device_name(device)} | {dtype} | batch {setting.batch} | context "
           f"{setting.context(rule.num_meta_tokens)} | CUDA graphs {setting.cuda_graphs and device.type == 'cuda'} "
           f"| widths {list(widths)} | operators {args.operators}")
-    table = latency.measure_table(rule, widths, tuple(args.operators.upper()), setting, dtype, device,
-                                  args.layers_per_measurement)
+    # Each width is saved to OUTPUT.partial as it is measured; a rerun after a crash or a time limit resumes there.
+    partial = args.output + ".partial"
+    resume_from = latency.LatencyTable.load(partial) if os.path.exists(partial) else None
+    if resume_from is not None:
+        print(f"[latency] found {partial} (widths {resume_from.widths}); resuming from it")
+    try:
+        table = latency.measure_table(rule, widths, tuple(args.operators.upper()), setting, dtype, device,
+                                      args.layers_per_measurement, resume_from=resume_from,
+                                      on_width=lambda t: t.save(partial))
+    except latency.LatencyError as exc:
+        if resume_from is None:
+            raise
+        raise latency.LatencyError(f"{partial}: {exc}; delete it to measure from scratch") from None
     if not args.no_validate:
         cases = _cases(args.validate_pattern, presets.get_preset(args.preset)["layer_pattern"], table.widths)
         cases = [(p, h) for p, h in cases if set(patterns.parse(p)) <= set(table.ops)]
@@ -144,6 +155,8 @@ def cmd_table(args) -> int:
             worst = max(abs(r["error"]) for r in rows)
             print(f"[latency] prediction error over {len(rows)} models: max |error| {worst:.1%}")
     table.save(args.output)
+    if os.path.exists(partial):
+        os.remove(partial)
     print(f"[latency] wrote {args.output}")
     return 0
 

@@ -318,12 +318,9 @@ def merge_tables(tables: list) -> LatencyTable:
         raise LatencyError("nothing to merge")
     first = tables[0]
     for t in tables[1:]:
-        for name in ("device", "dtype", "setting", "width_rule", "layers_per_measurement"):
-            if getattr(t, name) != getattr(first, name):
-                raise LatencyError(f"cannot merge tables with different {name}: {getattr(first, name)!r} vs "
-                                   f"{getattr(t, name)!r}")
-        if set(t.ops) != set(first.ops):
-            raise LatencyError(f"cannot merge tables of operators {sorted(first.ops)} and {sorted(t.ops)}")
+        mismatch = _compatibility_error(first, t)
+        if mismatch:
+            raise LatencyError(f"cannot merge tables with {mismatch}")
     columns = {}
     for t in tables:
         for i, w in enumerate(t.widths):
@@ -356,10 +353,27 @@ def write_json_atomic(path: str, data) -> None:
         raise
 
 
+def _compatibility_error(a: LatencyTable, b: LatencyTable) -> Optional[str]:
+    """Why tables a and b cannot be joined (None when they can): they must share device, dtype, setting,
+    width rule and operators."""
+    for name in ("device", "dtype", "setting", "width_rule", "layers_per_measurement"):
+        if getattr(a, name) != getattr(b, name):
+            return f"different {name}: {getattr(a, name)!r} vs {getattr(b, name)!r}"
+    if set(a.ops) != set(b.ops):
+        return f"different operators: {sorted(a.ops)} vs {sorted(b.ops)}"
+    return None
+
+
 def measure_table(rule: WidthRule, widths, operators=("D", "M", "A", "F"), setting: Optional[DecodeSetting] = None,
                   dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
-                  layers_per_measurement: int = 4, progress: Callable[[str], None] = print) -> LatencyTable:
-    """Time every operator at every width (2 models each) and build the table."""
+                  layers_per_measurement: int = 4, progress: Callable[[str], None] = print,
+                  resume_from: Optional[LatencyTable] = None,
+                  on_width: Optional[Callable[[LatencyTable], None]] = None) -> LatencyTable:
+    """Time every operator at every width (2 models each) and build the table.
+
+    ``on_width(table so far)`` is called after each width, so a caller can save partial work; ``resume_from`` (a
+    partial table of the same device, dtype, setting, rule and operators) supplies widths already measured.
+    """
     setting = setting or DecodeSetting()
     device = device or default_device()
     widths = sorted(set(int(w) for w in widths))
@@ -373,30 +387,47 @@ def measure_table(rule: WidthRule, widths, operators=("D", "M", "A", "F"), setti
             raise LatencyError("operator S (sliding-window attention) needs a sliding window (--sliding-window)")
     for w in widths:
         rule.check(w)
-    ops = {op: [] for op in operators}
-    base = []
-    warm_up(rule, widths[0], dtype, device)
-    for w in widths:
-        estimates = []
+    columns = {}  # width -> ({op: ms per layer}, base ms)
+
+    def table() -> LatencyTable:
+        done = sorted(columns)
+        return LatencyTable(
+            device=device_name(device), dtype=str(dtype).replace("torch.", ""), widths=done,
+            ops={op: [columns[w][0][op] for w in done] for op in operators}, base=[columns[w][1] for w in done],
+            width_rule=rule.to_dict(), setting={**asdict(setting),
+                                                "cuda_graphs": setting.cuda_graphs and device.type == "cuda",
+                                                "context": setting.context(rule.num_meta_tokens)},
+            layers_per_measurement=k, created=datetime.datetime.now().isoformat(timespec="seconds"),
+            torch_version=torch.__version__)
+
+    if resume_from is not None:
+        mismatch = _compatibility_error(table(), resume_from)
+        if mismatch:
+            raise LatencyError(f"cannot resume from a partial table with {mismatch}")
+        for i, w in enumerate(resume_from.widths):
+            if w in widths:
+                columns[w] = ({op: v[i] for op, v in resume_from.ops.items()}, resume_from.base[i])
+        if columns:
+            progress(f"[latency] resuming: widths {sorted(columns)} already measured")
+    todo = [w for w in widths if w not in columns]
+    if todo:
+        warm_up(rule, todo[0], dtype, device)
+    for w in todo:
+        per_op, estimates = {}, []
         for op in operators:
             t0 = time.perf_counter()
             single = measure_model(rule, op * k, w, setting, dtype, device)
             double = measure_model(rule, op * (2 * k), w, setting, dtype, device)
-            per_layer = max(0.0, (double - single) / k)
-            ops[op].append(per_layer)
-            estimates.append(single - k * per_layer)
-            progress(f"[latency] width {w:5d} | {op} ({patterns.LAYER_TYPES[op]:>8s}) | {per_layer:8.4f} ms/layer | "
+            per_op[op] = max(0.0, (double - single) / k)
+            estimates.append(single - k * per_op[op])
+            progress(f"[latency] width {w:5d} | {op} ({patterns.LAYER_TYPES[op]:>8s}) | {per_op[op]:8.4f} ms/layer | "
                      f"{k} layers {single:8.3f} ms, {2 * k} layers {double:8.3f} ms | "
                      f"{time.perf_counter() - t0:5.1f} s")
-        base.append(max(0.0, statistics.median(estimates)))
-        progress(f"[latency] width {w:5d} | fixed part (embedding, norm, output layer, launch) {base[-1]:.4f} ms")
-    return LatencyTable(
-        device=device_name(device), dtype=str(dtype).replace("torch.", ""), widths=widths, ops=ops, base=base,
-        width_rule=rule.to_dict(), setting={**asdict(setting),
-                                            "cuda_graphs": setting.cuda_graphs and device.type == "cuda",
-                                            "context": setting.context(rule.num_meta_tokens)},
-        layers_per_measurement=k, created=datetime.datetime.now().isoformat(timespec="seconds"),
-        torch_version=torch.__version__)
+        columns[w] = (per_op, max(0.0, statistics.median(estimates)))
+        progress(f"[latency] width {w:5d} | fixed part (embedding, norm, output layer, launch) {columns[w][1]:.4f} ms")
+        if on_width is not None:
+            on_width(table())
+    return table()
 
 
 def validate(table: LatencyTable, cases, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
