@@ -891,8 +891,10 @@ def compare(records: list, better: str, worse: str, train_iters: int) -> dict:
     values = list(diffs.values())
     mean, sd, wins = statistics.fmean(values), _std(values), sum(d > 0 for d in values)
     spread = {v: _std([p[i] for p in pairs.values()]) for i, v in enumerate((better, worse))}
-    curve = _curve_wins(records, better, worse, iteration)
-    out.update(mean_difference=mean, std_difference=sd, wins=wins, seed_spread=spread, curve_wins=curve)
+    curve = _curve_wins(records, better, worse, iteration, seeds)
+    early = _stopped_early(records, better, worse, seeds)
+    out.update(mean_difference=mean, std_difference=sd, wins=wins, seed_spread=spread, curve_wins=curve,
+               stopped_early=early)
     if mean > 0 and wins == n and n >= 2:
         verdict = "direction reproduced"
     elif mean > 0 and n == 1:
@@ -911,11 +913,31 @@ def compare(records: list, better: str, worse: str, train_iters: int) -> dict:
     out["detail"] = (f"at {where}: {worse} − {better} = {mean:+.4f}{sd_text} nats (mean ± std over {n} seed(s); "
                      f"lower for {better} in {wins} of {n}){noise}; {better}'s seed-mean curve is lower at {curve[0]} "
                      f"of {curve[1]} validation points up to there")
+    if early:
+        out["detail"] += ("; seeds stopped before the end (not in the verdict): " + ", ".join(
+            f"seed {e['seed']} at iteration {e['iteration']} {worse} − {better} = {e['difference']:+.4f}"
+            for e in early))
     return out
 
 
-def _curve_wins(records: list, better: str, worse: str, upto: Optional[int]) -> tuple:
-    means = {v: _mean_curve([r for r in records if r["variant"] == v and r["status"] != "failed"], upto)
+def _stopped_early(records: list, better: str, worse: str, compared_seeds: list) -> list:
+    """Seeds not in the comparison whose runs of both variants have validations: the difference at the last
+    validation both reached (a hint of the seed spread when the time budget stopped them)."""
+    runs = {(r["variant"], r["seed"]): r for r in records if r["status"] != "failed" and r["validation"]}
+    out = []
+    for seed in sorted({s for v, s in runs if v == better and (worse, s) in runs} - set(compared_seeds)):
+        a, b = runs[(better, seed)], runs[(worse, seed)]
+        common = sorted({it for it, _ in a["validation"]} & {it for it, _ in b["validation"]})
+        if common:
+            out.append({"seed": seed, "iteration": common[-1],
+                        "difference": loss_at(b, common[-1]) - loss_at(a, common[-1])})
+    return out
+
+
+def _curve_wins(records: list, better: str, worse: str, upto: Optional[int], seeds: list) -> tuple:
+    """(points where better's seed-mean curve is lower, points compared) over the compared seeds' runs."""
+    means = {v: _mean_curve([r for r in records if r["variant"] == v and r["seed"] in seeds
+                             and r["status"] != "failed"], upto)
              for v in (better, worse)}
     common = sorted(set(means[better]) & set(means[worse]))
     return sum(means[better][i] < means[worse][i] for i in common), len(common)

@@ -171,6 +171,11 @@ def test_unfinished_and_failed_runs():
     c = pf.compare(records, "nf_wn", "nf_no_wn", 40)
     assert (c["iteration"], c["seeds"]) == (40, [2, 3])
     assert c["mean_difference"] == pytest.approx(0.25)
+    assert c["curve_wins"] == (4, 4)  # over the compared seeds only
+    assert c["stopped_early"] == [{"seed": 1, "iteration": 20, "difference": pytest.approx(0.1)}]
+    assert "seed 1 at iteration 20 nf_no_wn − nf_wn = +0.1000" in c["detail"]
+    not_run = dict(records[1], seed=4, name="nf_wn_seed4", status="not run", validation=[])
+    assert pf.compare(records + [not_run], "nf_wn", "nf_no_wn", 40)["curve_wins"] == (4, 4)  # a run not started
     records[3]["status"] = "failed"  # failed runs take no part at all
     assert pf.compare(records, "nf_wn", "nf_no_wn", 40)["seeds"] == [3]
 
