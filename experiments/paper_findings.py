@@ -41,7 +41,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -273,7 +272,7 @@ def _run_tool(stage: str, cmd: list, env: dict) -> None:
         raise StudyError(f"{stage}: command failed with exit status {rc} (its output is above):\n  {shlex.join(cmd)}")
 
 
-def tool_env(threads: Optional[int] = None) -> dict:
+def tool_env() -> dict:
     from megatron_flash.quickstart import QUIET_WARNINGS
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
@@ -282,8 +281,6 @@ def tool_env(threads: Optional[int] = None) -> dict:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
                 "SLURM_JOB_ID"):
         env.pop(key, None)  # every run is its own single-process job
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     # Triton keeps autotuning results on disk: runs after the first skip fla's autotuning (see run_all)
     env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     return env
@@ -687,36 +684,25 @@ def run_record(run: dict, plan: dict, status: str, exit_code, wall_seconds, log_
             "preset_fields": run["preset_fields"]}
 
 
-@dataclass
-class _Running:
-    run: dict
-    proc: subprocess.Popen
-    log: object
-    port: int
-    started: float
-    stop_sent: Optional[float] = None
-
-
-def _read_log(r: _Running) -> str:
-    with open(os.path.join(r.run["dir"], "train.log"), encoding="utf-8", errors="replace") as fh:
+def _read_log(run: dict) -> str:
+    with open(os.path.join(run["dir"], "train.log"), encoding="utf-8", errors="replace") as fh:
         return fh.read()
 
 
-def _progress(r: _Running, train_iters: int, now: float) -> tuple:
+def _progress(run: dict, started: float, train_iters: int, now: float) -> tuple:
     """(status line, estimated seconds to the end of the run or None) from the run's log so far."""
-    parsed = parse_trainer_log(_read_log(r))
+    parsed = parse_trainer_log(_read_log(run))
     it = parsed["train"][-1][0] if parsed["train"] else 0
     val = (f"val {parsed['validation'][-1][1]:.4f}@{parsed['validation'][-1][0]}" if parsed["validation"]
            else "no validation yet")
     eta = (train_iters - it) * parsed["ms_per_iter"][-1] / 1000 if parsed["ms_per_iter"] else None
     speed = f"{parsed['ms_per_iter'][-1]} ms/it, ~{eta:.0f} s to go" if eta is not None else "starting"
-    return f"  {r.run['name']:<26} it {it:>6}/{train_iters} | {val} | {speed} | {now - r.started:.0f} s", eta
+    return f"  {run['name']:<26} it {it:>6}/{train_iters} | {val} | {speed} | {now - started:.0f} s", eta
 
 
 def run_all(args, plan: dict, start_time: float) -> None:
     """Train every planned run that is not done yet."""
-    from megatron_flash.design.candidates import die_with_parent
-    from megatron_flash.runtime import free_port
+    from megatron_flash.design.candidates import Job, LocalLauncher
 
     train_iters = plan["settings"]["train_iters"]
     queue = []
@@ -743,89 +729,67 @@ def run_all(args, plan: dict, start_time: float) -> None:
           + (f", time budget {args.time_budget_min:g} min from the start "
              f"({max(0.0, deadline - time.time()) / 60:.1f} min left)" if deadline else ""), flush=True)
 
-    running: dict = {}
-    ended, stopping, warmed, last_progress = 0, False, False, time.time()
-    try:
-        while queue or running:
-            now = time.time()
-            if deadline and now >= deadline and not stopping:
-                stopping = True
-                print(f"[run] time budget of {args.time_budget_min:g} min reached: {len(queue)} queued run(s) not "
-                      f"started; stopping {len(running)} running run(s) (SIGTERM)", flush=True)
-                queue.clear()
-                for r in running.values():
-                    r.proc.send_signal(signal.SIGTERM)
-                    r.stop_sent = now
-            for r in running.values():
-                if r.stop_sent and now - r.stop_sent > args.stop_grace_s and r.proc.poll() is None:
-                    print(f"[run] {r.run['name']}: no exit {args.stop_grace_s:g} s after SIGTERM; killing it",
-                          flush=True)
-                    r.proc.kill()
-            # The first run starts alone until it trains (or ends): on a fresh GPU machine six runs starting
-            # together spent over two minutes autotuning fla's kernels side by side without one training step
-            # (H200, 2026-12-01); after one run has autotuned, the others read its results from Triton's cache.
-            if not warmed:
-                warmed = ended > 0 or any(parse_trainer_log(_read_log(r))["train"] for r in running.values())
-            while queue and len(running) < parallel and not stopping and (warmed or not running):
-                run = queue.pop(0)
-                ports = {r.port for r in running.values()}
-                port = free_port()
-                while port in ports:
-                    port = free_port()
-                env = tool_env(threads)
-                env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-                log = open(os.path.join(run["dir"], "train.log"), "a" if args.resumable else "w", encoding="utf-8")
-                cmd = [sys.executable, "-m", "experiments.paper_findings", "worker", "--run-dir", run["dir"]]
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                        preexec_fn=die_with_parent)
-                running[run["name"]] = _Running(run, proc, log, port, time.time())
-                print(f"[run] started {run['name']} (pid {proc.pid}, MASTER_PORT {port}); log "
-                      f"{os.path.join(run['dir'], 'train.log')}", flush=True)
-            time.sleep(0.5)
-            for name, r in list(running.items()):
-                code = r.proc.poll()
-                if code is None:
-                    continue
-                r.log.close()
-                del running[name]
-                _finish(r, plan, code, time.time() - r.started)
-                ended += 1
-            if running and time.time() - last_progress >= args.progress_interval_s:
-                last_progress = time.time()
-                lines, etas = zip(*(_progress(r, train_iters, last_progress) for r in running.values()))
-                known = [e for e in etas if e is not None]
-                budget = f", {deadline - last_progress:.0f} s of the time budget left" if deadline else ""
-                print(f"[progress {last_progress - start_time:.0f} s] {len(running)} running, {len(queue)} queued, "
-                      f"{ended} ended" + (f"; slowest run ~{max(known):.0f} s to go at its current speed"
-                                               if known else "") + budget, flush=True)
-                print("\n".join(lines), flush=True)
-    finally:
-        for r in running.values():  # interrupted: leave no trainer behind
-            r.proc.kill()
-            r.proc.wait()
-            r.log.close()
+    runs = {run["name"]: run for run in queue}
+    # Every run shares the one device (no CUDA_VISIBLE_DEVICES split) and is its own single-process job.
+    launcher = LocalLauncher(parallel=parallel, threads=threads, poll_seconds=0.5, base_env=tool_env(),
+                             master_ports=True)
+    jobs = [Job(run["name"], [sys.executable, "-m", "experiments.paper_findings", "worker", "--run-dir", run["dir"]],
+                os.path.join(run["dir"], "train.log")) for run in queue]
+
+    def started(r) -> None:
+        print(f"[run] started {r.job.key} (pid {r.process.pid}, MASTER_PORT {r.master_port}); log {r.job.log_path}",
+              flush=True)
+
+    # The first run starts alone until it trains (or ends): on a fresh GPU machine six runs starting together
+    # spent over two minutes autotuning fla's kernels side by side without one training step (H200, 2026-12-01);
+    # after one run has autotuned, the others read its results from Triton's cache.
+    def trains(r) -> bool:
+        return bool(parse_trainer_log(_read_log(runs[r.job.key]))["train"])
+
+    def budget_reached(queued: int, running: list) -> None:
+        print(f"[run] time budget of {args.time_budget_min:g} min reached: {queued} queued run(s) not started; "
+              f"stopping {len(running)} running run(s) (SIGTERM)", flush=True)
+
+    def killing(r) -> None:
+        print(f"[run] {r.job.key}: no exit {args.stop_grace_s:g} s after SIGTERM; killing it", flush=True)
+
+    def progress(running: list, queued: int, ended: int) -> None:
+        now = time.time()
+        lines, etas = zip(*(_progress(runs[r.job.key], r.started, train_iters, now) for r in running))
+        known = [e for e in etas if e is not None]
+        budget = f", {deadline - now:.0f} s of the time budget left" if deadline else ""
+        print(f"[progress {now - start_time:.0f} s] {len(running)} running, {queued} queued, {ended} ended"
+              + (f"; slowest run ~{max(known):.0f} s to go at its current speed" if known else "") + budget,
+              flush=True)
+        print("\n".join(lines), flush=True)
+
+    launcher.run_jobs(
+        jobs, lambda r, code: _finish(runs[r.job.key], plan, code, time.time() - r.started, r.stop_sent is not None),
+        on_start=started, warmed_up=trains, deadline=deadline, stop_grace_s=args.stop_grace_s,
+        on_deadline=budget_reached, on_kill=killing, on_progress=progress,
+        progress_interval_s=args.progress_interval_s, append_logs=args.resumable)
 
 
-def _finish(r: _Running, plan: dict, code: int, wall: float) -> None:
-    with open(os.path.join(r.run["dir"], "train.log"), encoding="utf-8", errors="replace") as fh:
-        text = fh.read()
-    record = run_record(r.run, plan, "done", code, wall, text)
+def _finish(run: dict, plan: dict, code: int, wall: float, stopped: bool) -> None:
+    """Write the run's result.json: done, stopped (by the time budget) or failed."""
+    text = _read_log(run)
+    record = run_record(run, plan, "done", code, wall, text)
     if code != 0 or record["final_valid_loss"] is None:  # a clean exit without the final validation is no result
-        record["status"] = "stopped" if r.stop_sent else "failed"
-    write_json(os.path.join(r.run["dir"], RESULT), record)
-    name = r.run["name"]
+        record["status"] = "stopped" if stopped else "failed"
+    write_json(os.path.join(run["dir"], RESULT), record)
+    name = run["name"]
     if record["status"] == "done":
         print(f"[run] {name} done: final validation loss {record['final_valid_loss']:.4f} (perplexity "
               f"{record['final_valid_ppl']:.2f}), {record['parameters']:,} parameters, {record['tokens']:,} tokens, "
               f"{wall:.0f} s", flush=True)
-        shutil.rmtree(os.path.join(r.run["dir"], "checkpoints"), ignore_errors=True)  # not needed any more
+        shutil.rmtree(os.path.join(run["dir"], "checkpoints"), ignore_errors=True)  # not needed any more
     elif record["status"] == "stopped":
         print(f"[run] {name} stopped at iteration {record['iterations_done']} of {record['train_iters']} "
               f"({wall:.0f} s)", flush=True)
     else:
         tail = "\n".join("      " + line for line in text.splitlines()[-15:])
         print(f"[run] {name} FAILED (exit code {code}) after {wall:.0f} s; last lines of "
-              f"{os.path.join(r.run['dir'], 'train.log')}:\n{tail}", flush=True)
+              f"{os.path.join(run['dir'], 'train.log')}:\n{tail}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ after the final iteration, whose validation loss is the candidate's fitness.
 Launchers run a list of candidate folders: :class:`LocalLauncher` (subprocesses, ``parallel`` at a time, each
 optionally pinned to its own GPUs) and :class:`SlurmLauncher` (a job array over launch/search_array.sbatch). Both
 call back as each candidate finishes, so the caller can save its state after every candidate; a candidate whose
-result.json already exists is never started again.
+result.json already exists is never started again. :meth:`LocalLauncher.run_jobs` is the local job queue itself
+(any commands, with an optional deadline, progress callback and warm-up gate); experiments/paper_findings.py runs
+its trainings with it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import IO, Callable, Optional
 
 from megatron_flash.design.latency import write_json_atomic
 
@@ -202,25 +205,52 @@ def _failure(folder: str, message: str) -> dict:
     return result
 
 
+@dataclass
+class Job:
+    """One worker process for :meth:`LocalLauncher.run_jobs`: ``command`` runs in the repository, in the
+    environment of the slot it runs in, with its output in ``log_path``."""
+
+    key: str
+    command: list
+    log_path: str
+
+
+@dataclass
+class RunningJob:
+    job: Job
+    process: subprocess.Popen
+    log: IO
+    started: float  # time.time() at the start
+    master_port: Optional[int] = None  # with LocalLauncher(master_ports=True)
+    stop_sent: Optional[float] = None  # time.time() of the SIGTERM a deadline sent
+
+
 class LocalLauncher:
-    """Runs candidate folders as local subprocesses, ``parallel`` at a time.
+    """Runs worker processes on this machine, ``parallel`` at a time: candidate folders (:meth:`run`) or any
+    commands (:meth:`run_jobs`, also used by experiments/paper_findings.py).
 
     ``devices``: GPU ids to spread over the workers (each worker gets ``len(devices) // parallel`` of them through
     CUDA_VISIBLE_DEVICES); None leaves the environment alone. Workers get ``threads`` CPU threads each.
+    ``base_env``: the environment workers start from (default: this process's). ``master_ports``: every worker is
+    its own single-process torch.distributed job and gets MASTER_ADDR=127.0.0.1 and a MASTER_PORT no other running
+    worker holds (two workers initializing on one port would fail).
     """
 
     def __init__(self, parallel: int = 1, devices: Optional[list] = None, threads: Optional[int] = None,
-                 python: str = sys.executable, poll_seconds: float = 0.2):
+                 python: str = sys.executable, poll_seconds: float = 0.2, base_env: Optional[dict] = None,
+                 master_ports: bool = False):
         if parallel < 1:
             raise CandidateError("parallel must be >= 1")
         if devices is not None and len(devices) < parallel:
             raise CandidateError(f"{parallel} parallel candidates need at least as many GPUs, got {devices}")
         self.parallel, self.devices, self.threads = parallel, devices, threads
         self.python, self.poll_seconds = python, poll_seconds
+        self.base_env, self.master_ports = base_env, master_ports
 
     def _env(self, slot: int) -> dict:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = dict(os.environ if self.base_env is None else self.base_env)
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO]
+        env["PYTHONPATH"] = os.pathsep.join([REPO] + paths)
         if self.devices is not None:
             share = len(self.devices) // self.parallel
             mine = self.devices[slot * share:(slot + 1) * share]
@@ -232,40 +262,100 @@ class LocalLauncher:
             env["OMP_NUM_THREADS"] = str(self.threads)
         return env
 
+    def _start(self, job: Job, slot: int, running: dict, append_logs: bool) -> RunningJob:
+        env = self._env(slot)
+        port = None
+        if self.master_ports:
+            from megatron_flash.runtime import free_port
+
+            taken = {r.master_port for r in running.values()}
+            port = free_port()
+            while port in taken:  # a port a running worker was given may not be bound by it yet
+                port = free_port()
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        log = open(job.log_path, "a" if append_logs else "w", encoding="utf-8")
+        process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                   preexec_fn=die_with_parent)
+        return RunningJob(job, process, log, time.time(), port)
+
+    def run_jobs(self, jobs: list, on_done: Callable[[RunningJob, int], None], *,
+                 on_start: Callable[[RunningJob], None] = lambda r: None,
+                 warmed_up: Optional[Callable[[RunningJob], bool]] = None,
+                 deadline: Optional[float] = None, stop_grace_s: float = 30.0,
+                 on_deadline: Callable[[int, list], None] = lambda queued, running: None,
+                 on_kill: Callable[[RunningJob], None] = lambda r: None,
+                 on_progress: Optional[Callable[[list, int, int], None]] = None, progress_interval_s: float = 30.0,
+                 append_logs: bool = False) -> None:
+        """Run every :class:`Job` in order, ``parallel`` at a time; ``on_done(running_job, exit_code)`` as each
+        ends and ``on_start(running_job)`` as each starts (both in this thread).
+
+        ``warmed_up``: while no job has ended, further jobs start only once it is true of a running one (the first
+        job starts alone, e.g. until it has filled a compilation cache the others then read).
+        ``deadline`` (a time.time()): no job starts later; ``on_deadline(jobs dropped, running jobs)`` is called,
+        the running jobs get SIGTERM, and SIGKILL (after ``on_kill(job)``) when still alive ``stop_grace_s`` later.
+        ``on_progress(running jobs, jobs queued, jobs ended)`` every ``progress_interval_s`` while any runs.
+        ``append_logs``: add to existing log files instead of overwriting them (a resumed job keeps its history).
+        Workers still running when this returns by an exception are killed.
+        """
+        queue = list(jobs)
+        running = {}  # slot -> RunningJob
+        ended, stopping, last_progress = 0, False, time.time()
+        warmed = warmed_up is None
+        try:
+            while queue or running:
+                now = time.time()
+                if deadline is not None and now >= deadline and not stopping:
+                    stopping = True
+                    on_deadline(len(queue), list(running.values()))
+                    queue.clear()
+                    for r in running.values():
+                        r.process.send_signal(signal.SIGTERM)
+                        r.stop_sent = now
+                for r in running.values():
+                    if r.stop_sent and now - r.stop_sent > stop_grace_s and r.process.poll() is None:
+                        on_kill(r)
+                        r.process.kill()
+                if not warmed:
+                    warmed = ended > 0 or any(warmed_up(r) for r in running.values())
+                free = [s for s in range(self.parallel) if s not in running]
+                while queue and free and (warmed or not running):
+                    slot = free.pop(0)
+                    running[slot] = self._start(queue.pop(0), slot, running, append_logs)
+                    on_start(running[slot])
+                time.sleep(self.poll_seconds)
+                for slot, r in list(running.items()):
+                    code = r.process.poll()
+                    if code is None:
+                        continue
+                    r.log.close()
+                    del running[slot]
+                    ended += 1
+                    on_done(r, code)
+                if on_progress and running and time.time() - last_progress >= progress_interval_s:
+                    last_progress = time.time()
+                    on_progress(list(running.values()), len(queue), ended)
+        finally:
+            for r in running.values():  # interrupted: leave no worker behind
+                r.process.kill()
+                r.process.wait()
+                r.log.close()
+
     def run(self, folders: dict, on_done: Callable[[str, dict], None]) -> None:
         """Run every {id: folder} without a result; ``on_done(id, result)`` as each finishes (this thread)."""
-        queue = [(cid, folder) for cid, folder in folders.items() if read_result(folder) is None]
+        jobs = []
         for cid, folder in folders.items():
             existing = read_result(folder)
             if existing is not None:
                 on_done(cid, existing)
-        running = {}  # slot -> (cid, folder, process, log file)
-        try:
-            while queue or running:
-                free = [s for s in range(self.parallel) if s not in running]
-                while queue and free:
-                    slot = free.pop(0)
-                    cid, folder = queue.pop(0)
-                    log = open(os.path.join(folder, "train.log"), "w", encoding="utf-8")
-                    proc = subprocess.Popen(
-                        [self.python, "-m", "megatron_flash.design.candidates", "--candidate", folder],
-                        stdout=log, stderr=subprocess.STDOUT, env=self._env(slot), cwd=REPO,
-                        preexec_fn=die_with_parent)
-                    running[slot] = (cid, folder, proc, log)
-                time.sleep(self.poll_seconds)
-                for slot, (cid, folder, proc, log) in list(running.items()):
-                    code = proc.poll()
-                    if code is None:
-                        continue
-                    log.close()
-                    del running[slot]
-                    result = read_result(folder) or _failure(folder, f"worker exited with code {code} and no result")
-                    on_done(cid, result)
-        finally:
-            for cid, folder, proc, log in running.values():
-                proc.kill()
-                proc.wait()
-                log.close()
+            else:
+                jobs.append(Job(cid, [self.python, "-m", "megatron_flash.design.candidates", "--candidate", folder],
+                                os.path.join(folder, "train.log")))
+
+        def finished(r: RunningJob, code: int) -> None:
+            folder = folders[r.job.key]
+            on_done(r.job.key, read_result(folder) or _failure(folder, f"worker exited with code {code} and no result"))
+
+        self.run_jobs(jobs, finished)
 
 
 class SlurmLauncher:
