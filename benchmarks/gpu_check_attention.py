@@ -38,11 +38,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
-import time
 from typing import Optional
 
 import torch
@@ -58,7 +56,7 @@ from megatron.core.transformer.module import MegatronModule  # noqa: E402
 
 from megatron_flash import runtime  # noqa: E402
 from megatron_flash.layers.attention import window_of  # noqa: E402
-from megatron_flash.testing import relative_error  # noqa: E402
+from megatron_flash.testing import CheckReport, relative_error  # noqa: E402
 
 # Bounds on relative error against the fp32 reference. One bf16 rounding of a Gaussian tensor is ~1.7e-3; a bf16
 # path stacks a few (the output, the probabilities fed to the PV product in flash kernels, the projections and RoPE
@@ -77,11 +75,8 @@ CHECKS = ("core", "layer")
 FULL = dict(heads=16, kv_heads=4, head_dim=128, batch=2, length=1000, window=257, documents=[1, 300, 129, 517, 53])
 SMOKE = dict(heads=4, kv_heads=2, head_dim=16, batch=2, length=70, window=9, documents=[1, 30, 13, 26])
 
-_START = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - _START:7.1f} s] {message}", flush=True)
+REPORT = CheckReport("attention_gpu.json")
+log = REPORT.log
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -326,16 +321,6 @@ def layer_accuracy(case: str, params: dict, device) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-_REPORT: dict = {}
-
-
-def save() -> None:
-    """Write what is known so far to $OUT/attention_gpu.json (a run cut short still leaves its results)."""
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "attention_gpu.json"), "w") as f:
-            json.dump(_REPORT, f, indent=1)
-
-
 def print_table(rows: list[dict]) -> None:
     print("\nRelative error ||a-b||/||b|| against the fp32 masked-softmax reference")
     print(f"{'check':<20} {'path':<5} {'SDPA backend':<20} {'tensor':<24} {'rel_error':>10} {'bound':>8}  ok")
@@ -373,23 +358,18 @@ def main(argv=None) -> int:
         print("no GPU: use --smoke for a CPU run")
         return 2
 
-    _REPORT.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", smoke=args.smoke,
+    REPORT.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", smoke=args.smoke,
                    torch=torch.__version__, sizes=params, tolerance=TOLERANCE, rows=[])
-    rows = _REPORT["rows"]
+    rows = REPORT["rows"]
     for check in checks:
         for case in cases:
             rows += (core_accuracy if check == "core" else layer_accuracy)(case, params, device)
-            save()
+            REPORT.save()
 
     print_table(rows)
-    ok = all(r["ok"] for r in rows)
-    _REPORT.update(ok=ok, seconds=time.perf_counter() - _START)
-    save()
-    if os.environ.get("OUT"):
-        print(f"\nwrote {os.path.join(os.environ['OUT'], 'attention_gpu.json')}")
-    print("\nall attention checks passed" if ok else "\nSOME ATTENTION CHECKS FAILED")
+    code = REPORT.finish(all(r["ok"] for r in rows), "attention checks")
     runtime.shutdown()
-    return 0 if ok else 1
+    return code
 
 
 if __name__ == "__main__":

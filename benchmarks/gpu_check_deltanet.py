@@ -23,7 +23,6 @@ during one step beyond what was allocated before it (activations and gradients, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flash import runtime  # noqa: E402
-from megatron_flash.testing import relative_error  # noqa: E402
+from megatron_flash.testing import CheckReport, relative_error  # noqa: E402
 
 # Bounds on relative error of bf16 paths against the fp32 definition; bf16 rounding alone of o is ~4e-3.
 TOLERANCE = {"forward": 2e-2, "backward": 3e-2}
@@ -51,11 +50,8 @@ SMOKE = dict(
 )
 
 
-_START = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - _START:7.1f} s] {message}", flush=True)
+REPORT = CheckReport("deltanet_gpu.json")
+log = REPORT.log
 
 
 def fla_available(device: torch.device) -> bool:
@@ -258,7 +254,8 @@ def timings(params: dict, device, use_fla: bool, warmup: int, repeats: int) -> l
         tokens = batch * length
         rows.append(dict(name=name, shape=shape, tokens_per_s=tokens / result["ms"] * 1e3, **result))
         log(f"  {result['ms']:.2f} ms, peak {result['peak_gib']} GiB")
-        save_partial(rows)
+        REPORT["timing"] = rows
+        REPORT.save()
 
     g = torch.Generator(device="cpu").manual_seed(2)
     x = torch.randn(length, batch, hidden, generator=g).to(device, dtype).requires_grad_()
@@ -327,18 +324,6 @@ def timings(params: dict, device, use_fla: bool, warmup: int, repeats: int) -> l
 # --------------------------------------------------------------------------------------------------------------
 
 
-_REPORT: dict = {}
-
-
-def save_partial(timing_rows=None) -> None:
-    """Write what is known so far to $OUT/deltanet_gpu.json (a run cut short still leaves its results)."""
-    if timing_rows is not None:
-        _REPORT["timing"] = timing_rows
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "deltanet_gpu.json"), "w") as f:
-            json.dump(_REPORT, f, indent=1)
-
-
 def print_tables(accuracy: list[dict], timing: list[dict]) -> None:
     print("\nAccuracy (relative error ||a-b||/||b||)")
     print(f"{'check':<12} {'compare':<32} {'tensor':<22} {'rel_error':>10}  ok")
@@ -376,7 +361,7 @@ def main() -> int:
         print("no GPU: use --smoke for a CPU run")
         return 2
 
-    _REPORT.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", smoke=args.smoke,
+    REPORT.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", smoke=args.smoke,
                    torch=torch.__version__, fla=use_fla, tolerance=TOLERANCE, accuracy=[], timing=[])
     accuracy, timing = [], []
     if not args.skip_accuracy:
@@ -387,21 +372,16 @@ def main() -> int:
                 accuracy += op_accuracy(case, sizes["accuracy"], device, use_fla)
         if use_fla and "layer" in cases:
             accuracy += layer_accuracy(sizes["layer"], device)
-        _REPORT["accuracy"] = accuracy
-        save_partial()
+        REPORT["accuracy"] = accuracy
+        REPORT.save()
     if not args.skip_timing:
         log("timing ...")
         timing = timings(sizes["timing"], device, use_fla, args.warmup, 2 if args.smoke else args.repeats)
 
     print_tables(accuracy, timing)
-    ok = all(r["ok"] for r in accuracy)
-    _REPORT["ok"] = ok
-    save_partial()
-    if os.environ.get("OUT"):
-        print(f"\nwrote {os.path.join(os.environ['OUT'], 'deltanet_gpu.json')}")
-    print("\nall accuracy checks passed" if ok else "\nSOME ACCURACY CHECKS FAILED")
+    code = REPORT.finish(all(r["ok"] for r in accuracy), "accuracy checks")
     runtime.shutdown()
-    return 0 if ok else 1
+    return code
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 import traceback
@@ -26,7 +24,7 @@ import torch
 
 from megatron_flash import runtime
 from megatron_flash.ops.ssd import fla_backward_unsupported_reason, ssd_reference, ssd_scan
-from megatron_flash.testing import relative_error
+from megatron_flash.testing import CheckReport, relative_error
 
 FULL = dict(scan=dict(batch=2, length=1000, heads=8, head_dim=64, state_dim=128, chunk=64),
             layer=dict(hidden=2048, head_dim=64, state_dim=128, batch=8, length=4096, chunk=64),
@@ -256,7 +254,8 @@ def main():
     device = runtime.device()
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("no GPU here: use --smoke to check the script on CPU")
-    result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    result = CheckReport("mamba2_gpu.json")
+    result.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   torch=torch.__version__, config=cfg)
     try:
         import triton
@@ -265,13 +264,12 @@ def main():
         pass
     result["fla_backward"] = (fla_backward_unsupported_reason() or "supported") if device.type == "cuda" else "n/a"
     result["accuracy"] = accuracy(cfg, device)
+    result.save()  # the timings may not fit in what is left of a machine call
     result["timing"] = [] if args.skip_timing else timings(cfg, device)
     print_tables(result)
-    if os.environ.get("OUT"):
-        path = os.path.join(os.environ["OUT"], "mamba2_gpu.json")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        print(f"\nwrote {path}")
+    result.save()
+    if result.path:
+        print(f"\nwrote {result.path}")
     runtime.shutdown()
 
 

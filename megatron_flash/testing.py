@@ -1,7 +1,8 @@
 """Run a function in N local processes that form one torch.distributed job (gloo on CPU, NCCL on GPUs).
 
 Used by the tests to check TP/PP/DP equivalence and by benchmarks; nothing leaves the loopback interface.
-:func:`weight_norm_invariants` is the per-step check both use on the optimizer's state.
+:func:`weight_norm_invariants` is the per-step check both use on the optimizer's state; :func:`relative_error` and
+:class:`CheckReport` are what the GPU check scripts (benchmarks/gpu_check_*.py) measure with and report through.
 
     def body(tp):                      # module-level, so spawned processes can import it
         ...                            # runtime.initialize() has already run: groups and seeds are set
@@ -13,6 +14,7 @@ Used by the tests to check TP/PP/DP equivalence and by benchmarks; nothing leave
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -156,3 +158,34 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """||got - want|| / ||want|| in float64 (the measure every GPU check reports against its reference)."""
     got, want = got.detach().double(), want.detach().double()
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+class CheckReport(dict):
+    """The results of a GPU check script: a dict written to ``$OUT/<file_name>`` (when OUT is set) each time
+    :meth:`save` is called, so a run cut short by the machine's time limit still leaves what it measured, and a log
+    whose lines carry the seconds since the script started."""
+
+    def __init__(self, file_name: str):
+        super().__init__()
+        self.file_name, self.start = file_name, time.perf_counter()
+
+    @property
+    def path(self):
+        return os.path.join(os.environ["OUT"], self.file_name) if os.environ.get("OUT") else None
+
+    def log(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f} s] {message}", flush=True)
+
+    def save(self) -> None:
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self, f, indent=1, default=str)
+
+    def finish(self, ok: bool, what: str) -> int:
+        """Record the verdict, save, say where and whether every ``what`` passed; the script's exit code."""
+        self.update(ok=ok, seconds=time.perf_counter() - self.start)
+        self.save()
+        if self.path:
+            print(f"\nwrote {self.path}")
+        print(f"\nall {what} passed" if ok else f"\nSOME {what.upper()} FAILED")
+        return 0 if ok else 1
