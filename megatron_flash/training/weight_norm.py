@@ -149,8 +149,10 @@ class WeightNormalizer:
                 e.main_param.div_(norms.clamp_min(EPS).to(e.main_param.dtype))
             self.last_mean_deviation = float(torch.stack(deviations).mean())
             return
+        # A matrix this rank holds no piece of contributes zeros, on the device the collective runs on.
         sums = torch.cat([_flat_sums(e, e.main_param.view(-1)) if e.main_param is not None
-                          else torch.zeros(e.count()) for e in entries])
+                          else torch.zeros(e.count(), dtype=torch.float32, device=e.model_param.device)
+                          for e in entries])
         dist.all_reduce(sums, group=group)
         norms = sums.sqrt()
         self.last_mean_deviation = float((norms - 1).abs().mean())
