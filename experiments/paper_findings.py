@@ -281,8 +281,6 @@ def tool_env() -> dict:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
                 "SLURM_JOB_ID"):
         env.pop(key, None)  # every run is its own single-process job
-    # Triton keeps autotuning results on disk: runs after the first skip fla's autotuning (see run_all)
-    env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     return env
 
 

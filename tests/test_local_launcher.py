@@ -66,3 +66,15 @@ def test_first_job_starts_alone_until_warm_then_the_rest_with_own_ports(tmp_path
         lines = (tmp_path / f"next{i}.log").read_text().splitlines()
         assert lines[-1] == f"127.0.0.1 {started[f'next{i}'][1]} yes 2 {REPO}"  # REPO once on PYTHONPATH
     assert (tmp_path / "next0.log").read_text().startswith("an earlier attempt\n")  # appended, not overwritten
+
+
+def test_workers_keep_triton_autotuning_results_unless_told_otherwise(tmp_path):
+    """Workers share fla's autotuning through Triton's on-disk cache by default; an explicit setting wins."""
+    reports = "import os; print(os.environ.get('TRITON_CACHE_AUTOTUNING'))"
+    base = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_AUTOTUNING"}
+    for key, env, expected in (("default", base, "1"), ("explicit", {**base, "TRITON_CACHE_AUTOTUNING": "0"}, "0")):
+        ended = {}
+        LocalLauncher(poll_seconds=0.05, base_env=env).run_jobs(
+            [_job(tmp_path, key, reports)], lambda r, code: ended.__setitem__(r.job.key, code))
+        assert ended == {key: 0}
+        assert (tmp_path / f"{key}.log").read_text().split() == [expected]

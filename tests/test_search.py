@@ -161,6 +161,36 @@ def test_search_end_to_end_killed_and_resumed(tmp_path, tiny_table):
     assert refused.returncode == 2 and "seed: 3 -> 4" in refused.stderr
 
 
+def test_search_time_budget_stops_between_batches_and_the_same_command_resumes(tmp_path, tiny_table):
+    """With --time-budget-min, no batch starts after the budget: the initial population (started in time) finishes,
+    the children wait in the state, and the same command (budget included) trains them and ends the search."""
+    table_path, _, target = tiny_table
+    work = str(tmp_path / "search")
+    run_log = str(tmp_path / "runs.jsonl")
+    cmd = [sys.executable, os.path.join(REPO, "tools", "search_arch.py"), "--workdir", work,
+           "--latency-table", table_path, "--latency-target-ms", str(target), *SPACE_FLAGS,
+           "--population", "2", "--sample-size", "1", "--cycles", "1", "--per-cycle", "2", "--seed", "5",
+           "--parallel", "2", "--threads-per-candidate", "1", "--time-budget-min", "0.05", "--", *TRAINER]
+    env = {**os.environ, candidates.RUN_LOG_ENV: run_log, "OMP_NUM_THREADS": "1"}
+
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 3, first.stdout + first.stderr
+    assert "time budget spent: stopping with 2 candidates evaluated, cycle 0/1" in first.stdout
+    state = read_state(work)
+    assert state["evaluated"] == 2 and state["cycle"] == 0
+    assert state["batch"]["kind"] == "cycle"  # proposed, saved, not started
+    children = state["batch"]["ids"]
+    assert len(children) == 2 and all(state["candidates"][c]["status"] == "pending" for c in children)
+    assert {r["id"] for r in read_runs(run_log)} == {"c0000", "c0001"}
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    state = read_state(work)
+    assert state["cycle"] == 1 and state["batch"] is None and state["evaluated"] == 4
+    started = sorted(r["id"] for r in read_runs(run_log) if r["event"] == "start")
+    assert started == sorted(["c0000", "c0001", *children])  # the initial population was not trained again
+
+
 def test_search_refuses_an_impossible_target(tmp_path, tiny_table, capsys):
     table_path, table, _ = tiny_table
     tool = load_tool("search_arch")

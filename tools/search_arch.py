@@ -15,6 +15,7 @@ See docs/design_tools.md and megatron_flash/design/evolution.py.
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--allow-option-changes", action="store_true",
                    help="resume even if the space, options or trainer flags differ from the state's")
+    p.add_argument("--time-budget-min", type=float, default=None,
+                   help="no batch of candidates starts after this many minutes (running ones finish); the search "
+                        "then exits with status 3 and the same command resumes it")
     candidates.add_launcher_args(p)
     return p
 
@@ -76,7 +80,11 @@ def main(argv=None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, trainer_args = argv[:cut], argv[cut + 1:]
-    args = build_parser().parse_args(argv)
+    start = time.time()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.time_budget_min is not None and args.time_budget_min <= 0:
+        parser.error(f"--time-budget-min must be positive, got {args.time_budget_min:g}")
     if not trainer_args:
         print("error: give the trainer flags after '--' (data, batch, --train-iters, --eval-iters, ...)",
               file=sys.stderr)
@@ -99,11 +107,13 @@ def main(argv=None) -> int:
             args.workdir, search_space, table, target_ms, trainer_args, population=args.population,
             sample_size=args.sample_size, cycles=args.cycles, per_cycle=args.per_cycle, seed=args.seed,
             launcher=candidates.launcher_from_args(args), allow_option_changes=args.allow_option_changes)
-        best = search.run()
+        best = search.run(deadline=start + 60 * args.time_budget_min if args.time_budget_min is not None else None)
     except (space.SpaceError, latency.LatencyError, patterns.PatternError, evolution.SearchError,
             candidates.CandidateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if search.stopped_early:
+        return 3
     return 0 if best is not None else 1
 
 

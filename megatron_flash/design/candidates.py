@@ -260,6 +260,9 @@ class LocalLauncher:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in mine)
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
+        # Workers share fla's autotuning results through Triton's on-disk cache instead of each autotuning again
+        # (on an H200, autotuning took ~200 s of a 300 s search candidate; docs/design_tools.md).
+        env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
         return env
 
     def _start(self, job: Job, slot: int, running: dict, append_logs: bool) -> RunningJob:

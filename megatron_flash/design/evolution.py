@@ -92,6 +92,7 @@ class EvolutionSearch:
         self.launcher = launcher or cand_lib.LocalLauncher()
         self.progress = progress
         self.allow_option_changes = allow_option_changes
+        self.stopped_early = False  # run() stopped at its deadline before the end
         self.state_path = os.path.join(self.workdir, STATE_FILE)
         self.state: dict = {}
         self.rng = random.Random(seed)
@@ -307,8 +308,13 @@ class EvolutionSearch:
         done = [c for c in self.candidates.values() if math.isfinite(fitness(c))]
         return min(done, key=lambda c: (fitness(c), c["id"])) if done else None
 
-    def run(self) -> dict:
-        """Run (or resume) to the end; returns the best candidate's record (None if none succeeded)."""
+    def run(self, deadline: Optional[float] = None) -> dict:
+        """Run (or resume) to the end; returns the best candidate's record (None if none succeeded).
+
+        ``deadline`` (a time.time()): no batch of candidates starts later; the search then stops with its state
+        saved and ``stopped_early`` set, and a rerun resumes it. Candidates already training finish first.
+        """
+        self.stopped_early = False
         resumed = self.load_or_create()
         if resumed:
             finished = sum(1 for c in self.candidates.values() if c["status"] != "pending")
@@ -326,6 +332,12 @@ class EvolutionSearch:
                     break
                 self.state["batch"] = batch
                 self.save()
+            if deadline is not None and time.time() >= deadline:  # the proposed batch waits in the state
+                self.stopped_early = True
+                self.progress(f"[search] time budget spent: stopping with {self.state['evaluated']} candidates "
+                              f"evaluated, cycle {self.state['cycle']}/{self.options['cycles']}; rerun the same "
+                              f"command to resume")
+                break
             batch = self.state["batch"]
             self._evaluate_batch(batch)
             unfinished = [cid for cid in batch["ids"] if self.candidates[cid]["status"] == "pending"]
@@ -338,7 +350,7 @@ class EvolutionSearch:
         write_reports(self.workdir, list(self.candidates.values()), self.options["latency_target_ms"])
         best = self.best()
         if best:
-            self.progress(f"[search] done: best {best['id']} {best['pattern']} @ {best['hidden']} | "
+            self.progress(f"[search] {'stopped' if self.stopped_early else 'done'}: best {best['id']} {best['pattern']} @ {best['hidden']} | "
                           f"{best['latency_ms']:.3f} ms | ppl {best['valid_ppl']:.3f}; results in "
                           f"{os.path.join(self.workdir, 'results.md')}")
         return best
