@@ -70,6 +70,34 @@ def test_bf16_distributed_optimizer_keeps_model_params_equal_to_rounded_main_par
         assert all(c["worst_norm_error"] < 1e-5 for c in r["checks"]), r["checks"]
 
 
+def _train_normalizing_off_the_default_device(argv):
+    """_train with the weight normalization run under the "meta" default device: a tensor it creates without an
+    explicit device lands on "meta" and fails against the real ones, as a CPU tensor does against CUDA ones on a
+    GPU (gloo on the CPU cannot show that otherwise). Also counts the matrices this rank holds no shard of."""
+    from megatron_flash.training.weight_norm import WeightNormalizer
+
+    original, unsharded = WeightNormalizer.normalize, []
+
+    def on_meta_default_device(self, entries, group):
+        unsharded.append(sum(e.main_param is None for e in entries))
+        with torch.device("meta"):
+            return original(self, entries, group)
+
+    WeightNormalizer.normalize = on_meta_default_device
+    try:
+        return {**_train(argv, check=True), "unsharded": max(unsharded)}
+    finally:
+        WeightNormalizer.normalize = original
+
+
+def test_distributed_optimizer_weight_norm_creates_nothing_on_the_default_device():
+    results = run_distributed(_train_normalizing_off_the_default_device, world_size=2,
+                              args=(BASE + ["--train-iters", "2", "--bf16", "--use-distributed-optimizer"],))
+    assert max(r["unsharded"] for r in results) > 0  # the path of a matrix with no local shard ran
+    for r in results:
+        assert all(c["worst_norm_error"] < 1e-5 for c in r["checks"]), r["checks"]
+
+
 def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path):
     full = _run(["--train-iters", "6"])[0]["losses"]
     ckpt = str(tmp_path / "ckpt")
