@@ -20,8 +20,10 @@ bf16, initialized on the CPU (``--use-cpu-initialization``: every layout starts 
 Launches (``megatron_flash.testing.run_distributed``; process start-up, Triton autotuning and torch.compile are paid
 per launch, not per part): ``single`` (1 process: the ``*/1gpu`` references), ``multi`` (2 processes: every 2-GPU
 part in turn; megatron's parallel groups are destroyed and rebuilt between parts, the default process group stays),
-``resume`` (1 process: ``ckpt/1gpu_resume``). Triton autotuning results are kept on disk (TRITON_CACHE_AUTOTUNING=1
-unless set, as for gpu_suite.py), so the 2-GPU launch autotunes fla's kernels only for the TP=2 head counts.
+``resume`` (1 process: ``ckpt/1gpu_resume``). A part that fails ends its launch's processes; the parts after it
+start in fresh processes (a new launch), so one failure costs one part, not the rest of the launch. Triton
+autotuning results are kept on disk (TRITON_CACHE_AUTOTUNING=1 unless set, as for gpu_suite.py), so the 2-GPU
+launch autotunes fla's kernels only for the TP=2 head counts.
 
 Results: DIR/gpu_multi.json, rewritten after every part with a recomputed ``summary`` (comparisons, throughput,
 DP scaling, the issue's done-when items; a time limit loses nothing already measured), and a table printed at the
@@ -485,7 +487,8 @@ def format_report(results: dict) -> str:
         part = parts.get(p.name)
         if not _done(part):
             status = "not run" if part is None else part.get("skipped") or (
-                f"failed: {_last_line(part['error'])[:160]}" if "error" in part else "running (killed?)")
+                f"failed: {_last_line(part['error'])[:160]}" if "error" in part else
+                "not started" if part.get("queued") else "running (killed?)")
             lines.append(f"{p.name:<18} {status}")
             continue
         losses, t = part["losses"], part.get("throughput", {})
@@ -571,9 +574,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     return opts
 
 
-def main(argv=None) -> int:
+def queued_parts(recorder: "Recorder", launch: str, opts) -> list:
+    """This run's parts of ``launch`` that no process has started yet."""
+    parts = recorder.load().get("parts", {})
+    return [name for name in opts.parts
+            if PARTS_BY_NAME[name].launch == launch and (parts.get(name) or {}).get("queued")]
+
+
+def run_launch(launch: str, processes: int, opts, recorder: "Recorder") -> None:
+    """Run the queued parts of ``launch``. A part that fails ends its processes; the parts after it get fresh
+    processes (a new launch) instead of being lost, as long as each launch gets at least one part further."""
     from megatron_flash.testing import run_distributed
 
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes)),  # CPU initialization
+           "TRITON_CACHE_AUTOTUNING": os.environ.get("TRITON_CACHE_AUTOTUNING", "1")}
+    attempt = 0
+    while True:
+        names = queued_parts(recorder, launch, opts)
+        if not names:
+            return
+        if time.time() >= opts.deadline:
+            print(f"[gpu_multi] {launch}: {', '.join(names)} not started (--time-budget {opts.time_budget:.0f} s "
+                  "spent)", flush=True)
+            for name in names:
+                recorder.update(("parts", name), {"skipped": f"--time-budget {opts.time_budget:.0f} s spent"})
+            return
+        attempt += 1
+        print(f"[gpu_multi] {launch}: {processes} process(es) for {len(names)} part(s), "
+              f"{time.time() - opts.start:.0f} s in", flush=True)
+        try:
+            run_distributed(worker, world_size=processes, args=(launch, {**vars(opts), "parts": names}),
+                            seed=opts.seed, timeout=max(1.0, opts.kill_at - time.time()), env=env)
+        except RuntimeError as exc:
+            print(f"[gpu_multi] {launch} failed:\n{exc}", flush=True)
+            key = launch if attempt == 1 else f"{launch} (launch {attempt})"
+            recorder.update(("launch_errors", key), str(exc)[-4000:])
+            for name, part in recorder.load().get("parts", {}).items():
+                if isinstance(part, dict) and part.get("running") and part.get("launch") == launch:
+                    recorder.update(("parts", name), {"error": str(exc)[-4000:], "launch": launch})
+            if queued_parts(recorder, launch, opts) == names:  # failed before its first part: no progress
+                for name in names:
+                    recorder.update(("parts", name), {"error": str(exc)[-4000:], "launch": launch})
+                return
+
+
+def main(argv=None) -> int:
     from megatron_flash.training import arguments
 
     opts = parse_args(argv)
@@ -598,29 +643,11 @@ def main(argv=None) -> int:
         "thresholds": {"loss_rtol": opts.loss_rtol, "norm_tol": opts.norm_tol,
                        "dp_efficiency_target": opts.dp_efficiency_target}})
     recorder.update(("launch_errors",), {})  # an earlier run's, in a reused --out
+    for name in opts.parts:  # replaces an earlier run's entry; the worker marks each part as it starts it
+        recorder.update(("parts", name), {"queued": True})
     try:
         for launch, processes in LAUNCHES.items():
-            names = [name for name in opts.parts if PARTS_BY_NAME[name].launch == launch]
-            if not names:
-                continue
-            if time.time() >= opts.deadline:
-                print(f"[gpu_multi] {launch}: not started (--time-budget {opts.time_budget:.0f} s spent)", flush=True)
-                for name in names:
-                    recorder.update(("parts", name), {"skipped": f"--time-budget {opts.time_budget:.0f} s spent"})
-                continue
-            print(f"[gpu_multi] {launch}: {processes} process(es), {time.time() - start:.0f} s in", flush=True)
-            env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes)),  # CPU initialization
-                   "TRITON_CACHE_AUTOTUNING": os.environ.get("TRITON_CACHE_AUTOTUNING", "1")}
-            try:
-                run_distributed(worker, world_size=processes, args=(launch, vars(opts)), seed=opts.seed,
-                                timeout=max(1.0, opts.kill_at - time.time()), env=env)
-            except RuntimeError as exc:
-                print(f"[gpu_multi] {launch} failed:\n{exc}", flush=True)
-                results = recorder.load()
-                for name, part in results.get("parts", {}).items():
-                    if isinstance(part, dict) and part.get("running") and part.get("launch") == launch:
-                        recorder.update(("parts", name), {"error": str(exc)[-4000:], "launch": launch})
-                recorder.update(("launch_errors", launch), str(exc)[-4000:])
+            run_launch(launch, processes, opts, recorder)
     finally:
         shutil.rmtree(opts.scratch, ignore_errors=True)
     results = recorder.load()

@@ -204,3 +204,26 @@ def test_smoke_run_passes_every_check(tmp_path):
                                                     "sequence_parallel": False, "distributed_optimizer": False}
     assert summary["throughput"]["1b/tp2"]["tokens_per_s"] > 0
     assert "layouts_track_1gpu_losses: yes" in run.stdout
+
+
+def test_a_failing_part_costs_only_itself(tmp_path):
+    """The second of three 2-process parts raises on both ranks: its launch ends, the third part runs in a new
+    launch, and the report names the failure."""
+    driver = ("import sys; sys.path.insert(0, 'benchmarks'); import gpu_multi; from tests import gpu_multi_fault; "
+              "gpu_multi.worker = gpu_multi_fault.worker; sys.exit(gpu_multi.main(sys.argv[1:]))")
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "GPU_MULTI_FAIL_PART": "tiny/pp2"}
+    run = subprocess.run([sys.executable, "-c", driver, "--smoke", "--out", str(tmp_path),
+                          "--parts", "tiny/1gpu,tiny/tp2,tiny/pp2,tiny/dp2"],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / bench.RESULTS_FILE).read_text())
+    parts = results["parts"]
+    assert "injected failure in tiny/pp2" in parts["tiny/pp2"]["error"]
+    for name in ("tiny/1gpu", "tiny/tp2", "tiny/dp2"):
+        assert len(parts[name]["losses"]) == bench.TINY_ITERS, name
+    assert list(results["launch_errors"]) == ["multi"]
+    assert results["summary"]["not_run"] == [p.name for p in bench.PARTS if p.name not in
+                                             ("tiny/1gpu", "tiny/tp2", "tiny/dp2")]
+    assert results["summary"]["layouts"]["tiny/dp2"]["ok"]
+    assert "tiny/pp2           failed: RuntimeError: injected failure in tiny/pp2" in run.stdout
+    assert run.stdout.count("[gpu_multi] multi: 2 process(es)") == 2
