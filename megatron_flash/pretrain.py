@@ -36,7 +36,7 @@ def log(msg: str) -> None:
 
 def build_model_and_optimizer(args, vocab_size: int):
     spec = builder.resolve(
-        args.preset, args.pattern,
+        arguments.model_preset(args), args.pattern,
         **{k: v for k, v in dict(
             num_meta_tokens=args.num_meta_tokens, sliding_window=args.sliding_window).items() if v is not None},
         vocab_size=vocab_size, tie_embeddings=not args.untie_embeddings,
@@ -88,7 +88,7 @@ def build_data(args, seed: int):
     from megatron_flash.data.tokenizer import build_tokenizer
 
     if args.mock_data:
-        vocab = args.vocab_size or builder.resolve(args.preset).vocab_size
+        vocab = args.vocab_size or builder.resolve(arguments.model_preset(args)).vocab_size
         tokenizer = build_tokenizer("NullTokenizer", vocab_size=vocab)
     else:
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
@@ -157,7 +157,7 @@ def train(args, step_callback=None) -> dict:
     _, train_data, valid_data = build_data(args, args.seed)
     vocab = train_data.config.tokenizer.vocab_size
     spec, model, ddp, optimizer, scheduler, normalizer = build_model_and_optimizer(args, vocab)
-    log(f"model: {args.preset} pattern {spec.config.layer_pattern} | "
+    log(f"model: {arguments.model_name(args)} pattern {spec.config.layer_pattern} | "
         f"{sum(p.numel() for p in model.parameters()):,} parameters on rank {dist.get_rank()} | "
         f"TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size} "
         f"DP {args.data_parallel_size} | weight norm {'on' if normalizer else 'off'}")

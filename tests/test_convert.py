@@ -26,7 +26,14 @@ LAYOUTS = {
     # 501 tokens padded to 512; separate output layer on the last stage; an explicit, uneven pipeline split
     "pp2": (1, 2, ["--pipeline-model-parallel-size", "2", "--vocab-size", "500", "--untie-embeddings",
                    "--pattern", "DFMF|AF"]),
+    # a shape no preset has, from a search candidate's candidate.json (PRESET_FILE, written by the fixture)
+    "preset_file": (1, 1, ["--preset-file", "{workdir}/candidate.json"]),
 }
+# The tiny preset's proportions at another width: hidden 48, 3 heads of 16, one KV group, FFN 144
+PRESET_FILE = {"id": "c0007", "preset_fields": dict(
+    hidden_size=48, ffn_hidden_size=144, num_attention_heads=3, num_query_groups=1, layer_pattern="DFAFMF",
+    vocab_size=512, num_meta_tokens=4, tie_embeddings=True, mamba_state_dim=16, mamba_head_dim=16,
+    mamba_chunk_size=16), "trainer_args": [], "info": {}}
 TOKENS = torch.randint(0, 500, (2, 21), generator=torch.Generator().manual_seed(11))
 
 
@@ -127,10 +134,11 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(workdir):
+    (workdir / "candidate.json").write_text(json.dumps(PRESET_FILE))
     out = {}
     for name, (tp, pp, extra) in LAYOUTS.items():
         root = str(workdir / f"ckpt_{name}")
-        argv = BASE + ["--train-iters", "2", "--save", root] + extra
+        argv = BASE + ["--train-iters", "2", "--save", root] + [a.format(workdir=workdir) for a in extra]
         results = run_distributed(_train, world_size=tp * pp, tensor_model_parallel_size=tp,
                                   pipeline_model_parallel_size=pp, args=(argv, TOKENS))
         logits = next(r["logits"] for r in results if r.get("logits") is not None)
@@ -196,6 +204,15 @@ def test_exported_model_gives_the_megatron_logits(trained, converted, load_hf, n
     reference = trained[name]["logits"]
     assert logits.shape == reference.shape
     assert _relative_error(logits, reference) < 1e-4
+
+
+def test_a_preset_file_model_exports_its_own_shape(converted):
+    """The checkpoint records the file's fields with the trainer's args: the export needs no preset or file."""
+    config = json.loads((Path(converted["preset_file"]) / "config.json").read_text())
+    fields = PRESET_FILE["preset_fields"]
+    assert (config["hidden_size"], config["ffn_expand_ratio"], config["num_attention_heads"],
+            config["num_key_value_heads"]) == (48, 3, 3, 1)  # the released layout states FFN width as a ratio
+    assert config["num_hidden_layers"] == len(fields["layer_pattern"])
 
 
 def test_exported_folder_has_the_released_files(trained, converted, load_hf):

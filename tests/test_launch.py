@@ -291,12 +291,23 @@ def test_dry_run_3b_environment_overrides_and_container(tmp_path, no_srun):
     assert "export NCCL_NVLS_ENABLE=1" in out  # the environment wins over the launcher's defaults
 
 
+def test_dry_run_with_a_preset_file_passes_it_instead_of_the_preset(tmp_path, no_srun):
+    shape = tmp_path / "candidate.json"
+    shape.write_text("{}")
+    out = _dry_run("pretrain_1b.sh", {"FAKE_FAIL_BIN": no_srun, "MF_OUTPUT_ROOT": str(tmp_path),
+                                      "MF_PRESET_FILE": str(shape)}, ["--mock-data"])
+    args = _trainer_args(out)
+    assert _value(args, "--preset-file") == str(shape) and "--preset" not in args
+    assert f"model {shape}" in out
+
+
 @pytest.mark.parametrize("env,message", [
     ({"MF_GLOBAL_BATCH": "100"}, "MF_GLOBAL_BATCH=100 is not divisible"),
     ({"MF_TP": "3"}, "32 processes are not divisible by MF_TP=3"),
     ({"MF_TP": "two"}, "MF_TP must be a positive integer"),
     ({"MF_DATA_ROOT": "/data"}, "set MF_TOKENIZER_MODEL"),
     ({"MF_TOKENIZER_MODEL": "/t", "MF_MIXTURE": "nope.yaml"}, "MF_MIXTURE=nope.yaml: no such file"),
+    ({"MF_PRESET_FILE": "/nowhere/candidate.json"}, "MF_PRESET_FILE=/nowhere/candidate.json: no such file"),
     ({"MF_DRY_RUN": "0", "MF_TOKENIZER_MODEL": "/t"}, "not inside a SLURM allocation"),
 ])
 def test_clear_errors(tmp_path, no_srun, env, message):
@@ -454,7 +465,6 @@ GENERATED = {  # section name -> the function that builds its argparse parser
 # Meanings of the flags whose parser entry has no help text (Megatron-LM's meaning in every case). A flag with
 # neither fails test_cli_doc_lists_every_flag, so a new flag cannot go undocumented.
 FLAG_NOTES = {
-    "--preset": "model shape (megatron_flash/presets.py): the released 1B / 3B, or a seconds-on-CPU tiny model",
     "--tensor-model-parallel-size": "tensor parallelism (TP): each layer's matrices split over TP GPUs",
     "--pipeline-model-parallel-size": "pipeline stages (PP): `|` in the layer pattern places the stage boundaries, "
                                       "else an even split",

@@ -196,6 +196,45 @@ def test_bad_flags_are_clear_errors(argv, message):
         _parse(argv)
 
 
+def test_preset_file_loads_fields_and_its_errors_name_the_file_and_field(tmp_path):
+    import json
+    import re
+
+    from megatron_flash import presets
+    from megatron_flash.training import arguments
+
+    fields = presets.get_preset("tiny")
+    flags = ["--mock-data", "--train-iters", "1"]
+    good = tmp_path / "shape.json"
+    good.write_text(json.dumps({**fields, "hidden_size": 96}))
+    args = _parse(flags + ["--preset-file", str(good)])
+    assert arguments.model_preset(args) == {**fields, "hidden_size": 96}
+    assert arguments.model_name(args) == str(good)
+    assert arguments.model_preset(_parse(flags + ["--preset", "nemotron_flash_1b"])) == "nemotron_flash_1b"
+    assert arguments.model_preset(_parse(flags)) == "tiny"
+
+    cases = {
+        "absent.json": (None, "cannot read it"),
+        "truncated.json": ('{"hidden_size": 64,', "not JSON (line 1, column 20"),
+        "list.json": ("[1, 2]", "expected a JSON object of model fields"),
+        "lacks.json": ({k: v for k, v in fields.items() if k != "num_query_groups"},
+                       "missing field(s) num_query_groups"),
+        "typo.json": ({**fields, "hiden_size": 64}, "unknown field(s) hiden_size"),
+        "type.json": ({**fields, "num_attention_heads": "4"},
+                      "field num_attention_heads must be a non-negative integer, got '4'"),
+        "flag.json": ({**fields, "tie_embeddings": 1}, "field tie_embeddings must be a bool, got 1"),
+        "pattern.json": ({**fields, "layer_pattern": "DFQ"}, "field layer_pattern: invalid layer 'Q' at position 2"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(arguments.ArgumentError, match=re.escape(f"--preset-file {path}: {message}")):
+            _parse(flags + ["--preset-file", str(path)])
+    with pytest.raises(arguments.ArgumentError, match="invalid command line"):  # one model shape at a time
+        _parse(flags + ["--preset", "tiny", "--preset-file", str(good)])
+
+
 def test_yaml_config_with_command_line_override(tmp_path):
     from megatron_flash.training import arguments
 

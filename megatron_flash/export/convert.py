@@ -78,7 +78,7 @@ def megatron_process():
         runtime.shutdown()
 
 
-def build_megatron_model(preset: str, pattern: Optional[str], overrides: dict, vocab_size: int, tied: bool,
+def build_megatron_model(preset: str | dict, pattern: Optional[str], overrides: dict, vocab_size: int, tied: bool,
                          seq_length: int):
     """The model at TP=1/PP=1 in fp32, uninitialized (every weight is loaded or filled afterwards). '|' stage marks
     of the pattern are dropped: checkpoints name layers by global index, so one stage loads any pipeline split."""
@@ -139,6 +139,12 @@ def read_checkpoint(root: str, iteration: Optional[int] = None) -> CheckpointInf
     return CheckpointInfo(root, iteration, path, common, shapes)
 
 
+def recorded_preset(args: dict):
+    """The preset of a checkpoint's recorded trainer args, as models.builder.resolve takes it: the fields of a
+    --preset-file run (recorded with the args), else the preset's name."""
+    return args["preset_fields"] if args.get("preset_fields") else args["preset"]
+
+
 def model_overrides(args: dict) -> dict:
     """The fields of the trainer's args that define the model beyond preset and pattern
     (as megatron_flash.pretrain.build_model_and_optimizer passes them)."""
@@ -159,7 +165,9 @@ def trained_vocab_size(info: CheckpointInfo) -> int:
     args = info.args
     try:
         if args.get("mock_data"):
-            vocab = args.get("vocab_size") or presets.get_preset(args["preset"])["vocab_size"]
+            preset = recorded_preset(args)
+            vocab = args.get("vocab_size") or (preset if isinstance(preset, dict) else
+                                               presets.get_preset(preset))["vocab_size"]
             return build_tokenizer("NullTokenizer", vocab_size=vocab).vocab_size
         return build_tokenizer(args.get("tokenizer_type"), args.get("tokenizer_model")).vocab_size
     except Exception as exc:  # noqa: BLE001 - explain where the vocabulary comes from
@@ -189,7 +197,7 @@ def load_megatron_tensors(info: CheckpointInfo, vocab_size: int):
     args = info.args
     with megatron_process():
         try:
-            spec, model = build_megatron_model(args["preset"], args.get("pattern"), model_overrides(args),
+            spec, model = build_megatron_model(recorded_preset(args), args.get("pattern"), model_overrides(args),
                                                vocab_size, not args.get("untie_embeddings", False),
                                                args.get("seq_length") or 4096)
         except (ValueError, KeyError) as exc:
@@ -209,7 +217,8 @@ def _check_shapes(info: CheckpointInfo, expected: dict) -> None:
              if k in info.shapes and tuple(info.shapes[k]) != s]
     if missing or wrong:
         raise ConversionError(f"{info.path}: the checkpoint does not match the model its args describe "
-                              f"(preset {info.args['preset']}, pattern {info.args.get('pattern')}): "
+                              f"(preset {info.args.get('preset_file') or info.args['preset']}, pattern "
+                              f"{info.args.get('pattern')}): "
                               f"missing {missing[:6]}, shapes differ: {wrong[:6]}")
 
 

@@ -11,9 +11,6 @@ from megatron_flash import presets
 from megatron_flash.config import NemotronFlashConfig, make_config
 from megatron_flash.models.model import NemotronFlashModel
 
-# Preset keys that describe the language model around the stack rather than megatron's TransformerConfig.
-_MODEL_KEYS = ("vocab_size", "tie_embeddings")
-
 
 @dataclass
 class ModelSpec:
@@ -24,16 +21,17 @@ class ModelSpec:
     tie_embeddings: bool
 
 
-def resolve(preset: str = "tiny", pattern: str | None = None, **overrides) -> ModelSpec:
-    """Preset fields, then ``pattern``, then ``overrides`` (megatron TransformerConfig or our config fields).
+def resolve(preset: str | dict = "tiny", pattern: str | None = None, **overrides) -> ModelSpec:
+    """Preset fields (a preset's name, or the fields themselves: ``--preset-file``), then ``pattern``, then
+    ``overrides`` (megatron TransformerConfig or our config fields).
 
     Parallel sizes are taken from parallel_state when it is initialized, unless given.
     """
-    fields = presets.get_preset(preset)
+    fields = dict(preset) if isinstance(preset, dict) else presets.get_preset(preset)
     if pattern is not None:
         fields["layer_pattern"] = pattern
     fields.update(overrides)
-    model_fields = {k: fields.pop(k) for k in _MODEL_KEYS}
+    model_fields = {k: fields.pop(k) for k in presets.MODEL_FIELDS}
     if parallel_state.model_parallel_is_initialized():
         fields.setdefault("tensor_model_parallel_size", parallel_state.get_tensor_model_parallel_world_size())
         fields.setdefault("pipeline_model_parallel_size", parallel_state.get_pipeline_model_parallel_world_size())

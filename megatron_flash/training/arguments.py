@@ -15,6 +15,9 @@ import yaml
 from megatron_flash import patterns, presets
 
 
+DEFAULT_PRESET = "tiny"
+
+
 class ArgumentError(ValueError):
     """A bad or contradictory setting; raised before any distributed work starts."""
 
@@ -25,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of flag values; flags on the command line override it")
 
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="tiny", choices=sorted(presets.PRESETS))
+    shape = g.add_mutually_exclusive_group()
+    shape.add_argument("--preset", choices=sorted(presets.PRESETS),
+                       help=f"model shape (megatron_flash/presets.py): the released 1B / 3B, or a seconds-on-CPU "
+                            f"tiny model (default: {DEFAULT_PRESET}, unless --preset-file)")
+    shape.add_argument("--preset-file", metavar="PATH",
+                       help="model shape from a JSON file of preset fields, or one holding them under "
+                            "\"preset_fields\" (an architecture-search candidate.json)")
     g.add_argument("--pattern", help="layer pattern overriding the preset's, e.g. 'DFMFAF' (see docs/cli.md)")
     g.add_argument("--num-meta-tokens", type=int, help="override the preset's meta-token count")
     g.add_argument("--sliding-window", type=int, help="window of 'S' (sliding-window attention) layers")
@@ -135,10 +144,10 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
 def parse_args(argv=None, world_size: int = 1) -> argparse.Namespace:
     """Parse flags (and --config), fill derived values, and check them; ArgumentError on any problem."""
     parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**_config_defaults(parser, pre.config))
     try:
+        pre, _ = parser.parse_known_args(argv)
+        if pre.config:
+            parser.set_defaults(**_config_defaults(parser, pre.config))
         args = parser.parse_args(argv)
     except SystemExit as exc:
         if exc.code == 0:  # --help
@@ -148,6 +157,17 @@ def parse_args(argv=None, world_size: int = 1) -> argparse.Namespace:
     return args
 
 
+def model_preset(args: argparse.Namespace):
+    """What models.builder.resolve takes as the preset: the fields of --preset-file, else the --preset name.
+    (The fields are kept in the args, so a checkpoint's recorded args rebuild the model without the file.)"""
+    return args.preset_fields if args.preset_fields is not None else args.preset
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """The preset name, or the --preset-file path (for logs)."""
+    return args.preset_file or args.preset
+
+
 def validate(args: argparse.Namespace, world_size: int) -> None:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world_size % (tp * pp):
@@ -155,6 +175,14 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
                             f"--pipeline-model-parallel-size {pp}")
     dp = world_size // (tp * pp)
     args.data_parallel_size = dp
+    args.preset_fields = None
+    if args.preset_file is None and args.preset is None:
+        args.preset = DEFAULT_PRESET
+    if args.preset_file:
+        try:
+            args.preset_fields = presets.load_preset_file(args.preset_file)
+        except presets.PresetError as exc:
+            raise ArgumentError(f"--preset-file {exc}") from None
     if args.sequence_parallel and tp == 1:
         raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.pattern is not None:
