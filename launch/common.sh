@@ -128,9 +128,10 @@ mf_recipe() {  # mf_recipe 1b|3b|longctx: the recipe's defaults, each kept when 
     : "${MF_CONTAINER_IMAGE:=}" "${MF_CONTAINER_MOUNTS:=}" "${MF_SRUN_ARGS:=}"
     local name
     for name in MF_OUTPUT_ROOT MF_RUN_DIR MF_CHECKPOINT_DIR MF_TENSORBOARD_DIR MF_DATA_ROOT MF_BLEND \
-        MF_TOKENIZER_MODEL MF_PHASE1_DIR; do  # relative paths are relative to the repository root
+        MF_TOKENIZER_MODEL MF_PHASE1_DIR MF_PRESET_FILE; do  # relative paths are relative to the repository root
         [[ -z ${!name:-} ]] || printf -v "$name" '%s' "$(mf_abs "${!name}")"
     done
+    [[ -z ${MF_PRESET_FILE:-} || -f $MF_PRESET_FILE ]] || mf_die "MF_PRESET_FILE=$MF_PRESET_FILE: no such file"
     mf_require_int MF_TP MF_PP MF_MICRO_BATCH MF_GLOBAL_BATCH MF_SEQ_LENGTH MF_SAVE_INTERVAL MF_EVAL_INTERVAL \
         MF_LOG_INTERVAL
     [[ -z $MF_TRAIN_ITERS ]] || mf_require_int MF_TRAIN_ITERS
@@ -142,7 +143,10 @@ mf_recipe() {  # mf_recipe 1b|3b|longctx: the recipe's defaults, each kept when 
 
 mf_build_trainer_args() {  # mf_build_trainer_args USER_ARGS...: fills MF_ARGS (the user's arguments come last)
     local sp=0
-    MF_ARGS=(--preset "$MF_PRESET"
+    # the model shape: a preset, or a file of preset fields (e.g. an architecture-search candidate.json)
+    MF_ARGS=(--preset "$MF_PRESET")
+    [[ -z ${MF_PRESET_FILE:-} ]] || MF_ARGS=(--preset-file "$MF_PRESET_FILE")
+    MF_ARGS+=(
         --tensor-model-parallel-size "$MF_TP" --pipeline-model-parallel-size "$MF_PP"
         --micro-batch-size "$MF_MICRO_BATCH" --global-batch-size "$MF_GLOBAL_BATCH" --seq-length "$MF_SEQ_LENGTH"
         --lr "$MF_LR" --min-lr "$MF_MIN_LR" --weight-decay "$MF_WEIGHT_DECAY"
@@ -400,7 +404,8 @@ mf_check_layout() {  # mf_check_layout WORLD USER_ARGS...: catch layout errors b
 mf_print_summary() {  # what is about to run, for the job log
     local latest
     latest=$(mf_latest_iteration "$MF_CHECKPOINT_DIR")
-    mf_log "recipe $MF_RECIPE_NAME: preset $MF_PRESET, $1, ${MF_LAYOUT_NOTE:-layout from the command line}"
+    mf_log "recipe $MF_RECIPE_NAME: model ${MF_PRESET_FILE:-$MF_PRESET}, $1," \
+        "${MF_LAYOUT_NOTE:-layout from the command line}"
     mf_log "data: ${MF_DATA_NOTE:-}"
     [[ -z ${MF_LONGCTX_NOTE:-} ]] || mf_log "$MF_LONGCTX_NOTE"
     if [[ -n $latest ]]; then
