@@ -27,9 +27,8 @@ Stages (each a subcommand; ``all`` runs prepare, run and report)::
     python -m experiments.paper_findings all --smoke --workdir /tmp/pf --output-dir /tmp/pf/report   # CPU, ~1 min
     python -m experiments.paper_findings report --results-json OUT/results.json --output-dir OUT  # replot
 
-The trainer has no width flags, so each run is ``python -m experiments.paper_findings worker --run-dir DIR``: it
-registers the variant's preset fields as a preset (megatron_flash.design.candidates.register_preset, as the
-architecture search does) and calls ``megatron_flash.pretrain.main`` with ordinary trainer flags.
+Each run is the trainer itself, ``python -m megatron_flash.pretrain --preset-file DIR/run.json ...``: the run
+folder's run.json holds the variant's preset fields (as an architecture-search candidate.json does).
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIXTURE = os.path.join(REPO, "data_prep", "mixtures", "sample_corpus.yaml")
-PRESET_PREFIX = "paper_findings_"
+RUN_SPEC = "run.json"  # in each run folder: the run's preset fields (the trainer's --preset-file) and flags
 RESULT = "result.json"
 
 
@@ -118,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.paper_findings", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("command", choices=("prepare", "plan", "run", "report", "all", "worker"))
+    p.add_argument("command", choices=("prepare", "plan", "run", "report", "all"))
     p.add_argument("--workdir", default=os.path.join("runs", "paper_findings"),
                    help="data, tokenizer, run folders and logs")
     p.add_argument("--output-dir", help="report folder (plots, report.md, results.json); default WORKDIR/report")
@@ -175,7 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("report")
     g.add_argument("--results-json", help="report from this results.json (a previous report's) instead of WORKDIR")
-    g.add_argument("--run-dir", help="worker: the run folder")
     return p
 
 
@@ -525,10 +523,9 @@ def schedule(args) -> dict:
             "log_interval": max(1, min(10, interval))}
 
 
-def trainer_args(args, paths: Paths, run_dir: str, preset: str, seed: int, weight_norm: bool, sched: dict,
-                 bf16: bool) -> list:
+def trainer_args(args, paths: Paths, run_dir: str, seed: int, weight_norm: bool, sched: dict, bf16: bool) -> list:
     lr = args.lr
-    argv = ["--preset", preset, "--per-split-data-args-path", paths.blend,
+    argv = ["--preset-file", os.path.join(run_dir, RUN_SPEC), "--per-split-data-args-path", paths.blend,
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", paths.tokenizer,
             "--seq-length", str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size),
             "--global-batch-size", str(args.micro_batch_size), "--train-iters", str(sched["train_iters"]),
@@ -563,11 +560,10 @@ def make_plan(args) -> dict:
         for name in variants:
             run_name = f"{name}_seed{seed}"
             run_dir = os.path.join(paths.runs, run_name)
-            preset = PRESET_PREFIX + name
-            runs.append({"name": run_name, "variant": name, "seed": seed, "dir": run_dir, "preset": preset,
+            runs.append({"name": run_name, "variant": name, "seed": seed, "dir": run_dir,
                          "preset_fields": models[name].preset_fields,
-                         "trainer_args": trainer_args(args, paths, run_dir, preset, seed,
-                                                      VARIANTS[name].weight_norm, sched, bf16)})
+                         "trainer_args": trainer_args(args, paths, run_dir, seed, VARIANTS[name].weight_norm, sched,
+                                                      bf16)})
     plan = {"settings": {"base_preset": args.base_preset, "hidden_size": args.hidden_size, "vocab_size": vocab,
                          "seq_length": args.seq_length, "global_batch_size": args.micro_batch_size,
                          "lr": args.lr, "bf16": bf16, "ssd_backend": args.ssd_backend, "seeds": seeds, **sched},
@@ -599,7 +595,7 @@ def print_plan(plan: dict) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 _FLOAT = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
-MODEL_LINE = re.compile(r"^model: (\S+) pattern (\S+) \| ([\d,]+) parameters on rank")
+MODEL_LINE = re.compile(r"^model: (.+?) pattern (\S+) \| ([\d,]+) parameters on rank")
 TRAIN_LINE = re.compile(r"^iteration\s+(\d+) \| loss " + _FLOAT + r" \|.*?\| (\d+) ms/it")
 VALID_LINE = re.compile(r"^validation at iteration (\d+): loss " + _FLOAT)
 RESUME_LINE = re.compile(r"^resumed from \S+ at iteration (\d+)")
@@ -642,20 +638,8 @@ def parse_trainer_log(text: str) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def worker(run_dir: str) -> int:
-    """One run in this process: register its preset, then the trainer's own main() with its flags."""
-    from megatron_flash import pretrain
-    from megatron_flash.design.candidates import register_preset
-
-    spec = read_json(os.path.join(run_dir, "run.json"))
-    register_preset(spec["preset_fields"], spec["preset"])
-    print(f"[worker] {spec['name']}: preset {spec['preset']} = {json.dumps(spec['preset_fields'])}", flush=True)
-    print("[worker] python -m megatron_flash.pretrain " + shlex.join(spec["trainer_args"]), flush=True)
-    return pretrain.main(spec["trainer_args"])
-
-
 def _run_config(run: dict) -> dict:
-    return {k: run[k] for k in ("name", "variant", "seed", "preset", "preset_fields", "trainer_args")}
+    return {k: run[k] for k in ("name", "variant", "seed", "preset_fields", "trainer_args")}
 
 
 def read_result(run_dir: str) -> Optional[dict]:
@@ -668,7 +652,6 @@ def run_record(run: dict, plan: dict, status: str, exit_code, wall_seconds, log_
     s = plan["settings"]
     valid = parsed["validation"]
     final = valid[-1][1] if valid and valid[-1][0] == s["train_iters"] else None
-    worker_cmd = [sys.executable, "-m", "experiments.paper_findings", "worker", "--run-dir", run["dir"]]
     return {"name": run["name"], "variant": run["variant"], "seed": run["seed"], "status": status,
             "exit_code": exit_code, "parameters": parsed["parameters"],
             "parameters_planned": plan["models"][run["variant"]]["parameters"], "pattern": parsed["pattern"],
@@ -677,7 +660,7 @@ def run_record(run: dict, plan: dict, status: str, exit_code, wall_seconds, log_
             "validation": valid, "train": parsed["train"], "final_valid_loss": final,
             "final_valid_ppl": math.exp(min(final, 50.0)) if final is not None else None,
             "ms_per_iter_median": statistics.median(parsed["ms_per_iter"]) if parsed["ms_per_iter"] else None,
-            "wall_seconds": wall_seconds, "command": shlex.join(worker_cmd),
+            "wall_seconds": wall_seconds,
             "trainer_command": "python -m megatron_flash.pretrain " + shlex.join(run["trainer_args"]),
             "preset_fields": run["preset_fields"]}
 
@@ -705,7 +688,7 @@ def run_all(args, plan: dict, start_time: float) -> None:
     train_iters = plan["settings"]["train_iters"]
     queue = []
     for run in plan["runs"]:
-        spec_path = os.path.join(run["dir"], "run.json")
+        spec_path = os.path.join(run["dir"], RUN_SPEC)
         if os.path.isfile(spec_path) and read_json(spec_path) != _run_config(run):
             print(f"[run] {run['name']}: settings changed since its last run; starting it over", flush=True)
             shutil.rmtree(run["dir"])
@@ -731,7 +714,7 @@ def run_all(args, plan: dict, start_time: float) -> None:
     # Every run shares the one device (no CUDA_VISIBLE_DEVICES split) and is its own single-process job.
     launcher = LocalLauncher(parallel=parallel, threads=threads, poll_seconds=0.5, base_env=tool_env(),
                              master_ports=True)
-    jobs = [Job(run["name"], [sys.executable, "-m", "experiments.paper_findings", "worker", "--run-dir", run["dir"]],
+    jobs = [Job(run["name"], [sys.executable, "-m", "megatron_flash.pretrain", *run["trainer_args"]],
                 os.path.join(run["dir"], "train.log")) for run in queue]
 
     def started(r) -> None:
@@ -1094,11 +1077,6 @@ def report(args) -> dict:
 def main(argv=None) -> int:
     start = time.time()
     args = parse_args(argv)
-    if args.command == "worker":
-        if not args.run_dir:
-            print("error: worker needs --run-dir", file=sys.stderr)
-            return 2
-        return worker(args.run_dir)
     try:
         if args.command in ("prepare", "all"):
             prepare(args)

@@ -7,10 +7,11 @@ A candidate lives in a folder::
                      or {"status": "failed", "error": ...}
     train.log        the trainer's output
 
-``python -m megatron_flash.design.candidates --candidate DIR`` trains it in this process: the fields are registered
-as the preset ``design_candidate``, the trainer flags are parsed by megatron_flash.training.arguments (so every
-pretraining flag works: data, batch, LR, bf16...), then ``megatron_flash.pretrain.train`` runs with an evaluation
-after the final iteration, whose validation loss is the candidate's fitness.
+``python -m megatron_flash.design.candidates --candidate DIR`` trains it in this process: the trainer flags plus
+``--preset-file DIR/candidate.json`` are parsed by megatron_flash.training.arguments (so every pretraining flag
+works: data, batch, LR, bf16...), then ``megatron_flash.pretrain.train`` runs with an evaluation after the final
+iteration, whose validation loss is the candidate's fitness. The same ``--preset-file`` trains a chosen candidate
+at full scale with the ordinary trainer.
 
 Launchers run a list of candidate folders: :class:`LocalLauncher` (subprocesses, ``parallel`` at a time, each
 optionally pinned to its own GPUs) and :class:`SlurmLauncher` (a job array over launch/search_array.sbatch). Both
@@ -36,7 +37,6 @@ from typing import IO, Callable, Optional
 
 from megatron_flash.design.latency import write_json_atomic
 
-CANDIDATE_PRESET = "design_candidate"
 RUN_LOG_ENV = "MEGATRON_FLASH_RUN_LOG"  # a JSONL file every training start / end is appended to (tests count runs)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -76,35 +76,22 @@ def _log_run(event: str, cid: str, **extra) -> None:
         os.close(fd)
 
 
-def register_preset(fields: dict, name: str = CANDIDATE_PRESET) -> str:
-    """Make ``fields`` available to the trainer as ``--preset name`` (for this process)."""
-    from megatron_flash import presets
-
-    required = {"hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "layer_pattern",
-                "vocab_size", "num_meta_tokens", "tie_embeddings"}
-    missing = sorted(required - set(fields))
-    if missing:
-        raise CandidateError(f"candidate preset lacks {', '.join(missing)}")
-    presets.PRESETS[name] = dict(fields)
-    return name
-
-
-def train_candidate(preset_fields: dict, trainer_args: list) -> dict:
+def train_candidate(preset_file: str, trainer_args: list) -> dict:
     """Train one candidate in this process with megatron_flash.pretrain and return its figures.
 
-    ``trainer_args`` are pretraining flags (without --preset / --pattern); evaluation happens after the final
-    iteration (--eval-interval is set to --train-iters), so --eval-iters must be > 0.
+    ``preset_file``: the model (``--preset-file``: a candidate.json); ``trainer_args`` are pretraining flags
+    (without --preset, --preset-file or --pattern); evaluation happens after the final iteration (--eval-interval
+    is set to --train-iters), so --eval-iters must be > 0.
     """
     import torch
 
     from megatron_flash import pretrain, runtime
     from megatron_flash.training import arguments
 
-    name = register_preset(preset_fields)
-    for flag in ("--preset", "--pattern"):
+    for flag in ("--preset", "--preset-file", "--pattern"):
         if flag in trainer_args:
             raise CandidateError(f"trainer flags must not contain {flag}: the candidate sets the model")
-    argv = list(trainer_args) + ["--preset", name]
+    argv = list(trainer_args) + ["--preset-file", preset_file]
     try:
         args = arguments.parse_args(argv, world_size=1)
     except arguments.ArgumentError as exc:
@@ -139,7 +126,8 @@ def run_candidate_folder(folder: str) -> dict:
     print(f"[candidate {cid}] pattern {cand['preset_fields']['layer_pattern']} hidden "
           f"{cand['preset_fields']['hidden_size']} | trainer flags: {shlex.join(cand['trainer_args'])}", flush=True)
     try:
-        result = {"status": "done", "id": cid, **train_candidate(cand["preset_fields"], cand["trainer_args"])}
+        result = {"status": "done", "id": cid,
+                  **train_candidate(os.path.join(folder, "candidate.json"), cand["trainer_args"])}
     except Exception as exc:  # noqa: BLE001 - recorded as the candidate's outcome
         import traceback
 

@@ -350,8 +350,9 @@ class EvolutionSearch:
         write_reports(self.workdir, list(self.candidates.values()), self.options["latency_target_ms"])
         best = self.best()
         if best:
-            self.progress(f"[search] {'stopped' if self.stopped_early else 'done'}: best {best['id']} {best['pattern']} @ {best['hidden']} | "
-                          f"{best['latency_ms']:.3f} ms | ppl {best['valid_ppl']:.3f}; results in "
+            self.progress(f"[search] {'stopped' if self.stopped_early else 'done'}: best {best['id']} "
+                          f"{best['pattern']} @ {best['hidden']} | {best['latency_ms']:.3f} ms | ppl "
+                          f"{best['valid_ppl']:.3f}; results in "
                           f"{os.path.join(self.workdir, 'results.md')}")
         return best
 
