@@ -249,7 +249,7 @@ class LocalLauncher:
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         # Workers share fla's autotuning results through Triton's on-disk cache instead of each autotuning again
-        # (on an H200, autotuning took ~200 s of a 300 s search candidate; docs/design_tools.md).
+        # (on an H200, first-use costs took up to 200 s of a 300 s search candidate; docs/design_tools.md).
         env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
         return env
 
