@@ -77,7 +77,7 @@ def load_preset_file(path: str) -> dict:
     unknown = sorted(set(fields) - known)
     if unknown:
         raise PresetError(f"{path}: unknown field(s) {', '.join(unknown)} (model fields are those of "
-                          "megatron_flash.config.NemotronFlashConfig, plus vocab_size and tie_embeddings)")
+                          f"megatron_flash.config.NemotronFlashConfig, plus {' and '.join(MODEL_FIELDS)})")
     for key in REQUIRED_FIELDS:
         value, wanted = fields[key], {"layer_pattern": str, "tie_embeddings": bool}.get(key, int)
         if not isinstance(value, wanted) or (wanted is int and (isinstance(value, bool) or value < 0)):
