@@ -150,7 +150,11 @@ def test_search_end_to_end_killed_and_resumed(tmp_path, tiny_table):
     assert sorted(r["id"] for r in rows) == sorted(records)
     assert [float(r["valid_ppl"]) for r in rows] == sorted(float(r["valid_ppl"]) for r in rows)
     assert any(r["pareto"] == "1" for r in rows)
-    assert "| rank | id | pattern |" in open(os.path.join(work, "results.md")).read()
+    report = open(os.path.join(work, "results.md")).read()
+    assert "| rank | id | pattern |" in report
+    best_trained = next(r["id"] for r in rows if r["status"] == "done")
+    best_file = os.path.join(os.path.abspath(work), "candidates", best_trained, "candidate.json")
+    assert f"--preset-file {best_file} ..." in report and os.path.isfile(best_file)
     assert os.path.getsize(os.path.join(work, "pareto.png")) > 0
 
     # a finished search reruns without training; a changed option is refused

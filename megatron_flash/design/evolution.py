@@ -402,8 +402,14 @@ def write_reports(workdir: str, records: list, latency_target_ms: Optional[float
     header = "# Architecture search results\n\n"
     if latency_target_ms is not None:
         header += f"Latency target: {latency_target_ms} ms per decode step (lookup-table prediction).\n\n"
+    footer = ""
+    trained = [r for r in records if r.get("status") == "done" and math.isfinite(fitness(r))]  # not "cached"
+    if trained:
+        best = os.path.join(workdir, "candidates", trained[0]["id"], "candidate.json")
+        footer = (f"\nTo pretrain the best one: `python -m megatron_flash.pretrain --preset-file {best} ...` "
+                  f"(or `MF_PRESET_FILE={best}` with a launch/ script).\n")
     with open(paths["md"] + ".tmp", "w", encoding="utf-8") as f:
-        f.write(header + "\n".join(lines) + "\n")
+        f.write(header + "\n".join(lines) + "\n" + footer)
     os.replace(paths["md"] + ".tmp", paths["md"])
     plot_pareto(records, paths["png"], latency_target_ms)
     return paths
