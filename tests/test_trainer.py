@@ -233,6 +233,10 @@ def test_preset_file_loads_fields_and_its_errors_name_the_file_and_field(tmp_pat
             _parse(flags + ["--preset-file", str(path)])
     with pytest.raises(arguments.ArgumentError, match="invalid command line"):  # one model shape at a time
         _parse(flags + ["--preset", "tiny", "--preset-file", str(good)])
+    config = tmp_path / "run.yaml"
+    config.write_text("preset: nemotron_flash_1b\n")
+    with pytest.raises(arguments.ArgumentError, match="give --preset or --preset-file, not both"):
+        _parse(flags + ["--config", str(config), "--preset-file", str(good)])
 
 
 def test_yaml_config_with_command_line_override(tmp_path):

@@ -176,6 +176,9 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     dp = world_size // (tp * pp)
     args.data_parallel_size = dp
     args.preset_fields = None
+    if args.preset_file is not None and args.preset is not None:  # e.g. one from --config, the other a flag
+        raise ArgumentError(f"give --preset or --preset-file, not both (--preset {args.preset}, --preset-file "
+                            f"{args.preset_file})")
     if args.preset_file is None and args.preset is None:
         args.preset = DEFAULT_PRESET
     if args.preset_file:
