@@ -86,14 +86,14 @@ def test_schedule_ends_on_a_validation():
 def test_log_parser_keeps_the_latest_attempt():
     log = "\n".join([
         "some warning: validation at iteration 99: loss 1.0",  # not at the start of a line: ignored
-        "model: runs/nf_wn_seed1/run.json pattern DFMFAF | 59,996 parameters on rank 0 | TP 1 PP 1 DP 1 | weight norm on",
+        "model: runs/nf_wn/run.json pattern DFMFAF | 59,996 parameters on rank 0 | TP 1 PP 1 DP 1 | weight norm on",
         "iteration      10 | loss 6.5000 | lr 1e-3 | grad norm 1.0 | 120 ms/it | 2,000 tokens/s | MFU - | mem 0.5 GiB",
         "validation at iteration 10: loss 6.2000 | perplexity 492.75",
         "iteration      20 | loss 6.1000 | lr 1e-3 | grad norm 1.0 | 110 ms/it | 2,000 tokens/s | MFU - | mem 0.5 GiB",
         "validation at iteration 20: loss 6.0000 | perplexity 403.43",
         "iteration      30 | loss 5.9000 | lr 1e-3 | grad norm 1.0 | 110 ms/it | 2,000 tokens/s | MFU - | mem 0.5 GiB",
         # killed after iteration 30; the checkpoint was at 20
-        "model: runs/nf_wn_seed1/run.json pattern DFMFAF | 59,996 parameters on rank 0 | TP 1 PP 1 DP 1 | weight norm on",
+        "model: runs/nf_wn/run.json pattern DFMFAF | 59,996 parameters on rank 0 | TP 1 PP 1 DP 1 | weight norm on",
         "resumed from /x/iter_0000020 at iteration 20",
         "iteration      30 | loss 5.8000 | lr 1e-3 | grad norm 1.0 | 100 ms/it | 2,000 tokens/s | MFU - | mem 0.5 GiB",
         "validation at iteration 30: loss nan | perplexity nan",

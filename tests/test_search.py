@@ -68,15 +68,22 @@ def alive(pid):
         return False
 
 
-def test_search_end_to_end_killed_and_resumed(tmp_path, tiny_table):
-    table_path, table, target = tiny_table
+def _search(tmp_path, tiny_table, *options):
+    """(work folder, run log, command line, environment) of a tools/search_arch.py run on the tiny table's space
+    with two parallel candidates; ``options`` are the evolution flags."""
+    table_path, _, target = tiny_table
     work = str(tmp_path / "search")
     run_log = str(tmp_path / "runs.jsonl")
     cmd = [sys.executable, os.path.join(REPO, "tools", "search_arch.py"), "--workdir", work,
-           "--latency-table", table_path, "--latency-target-ms", str(target), *SPACE_FLAGS,
-           "--population", "3", "--sample-size", "2", "--cycles", "1", "--per-cycle", "2", "--seed", "3",
+           "--latency-table", table_path, "--latency-target-ms", str(target), *SPACE_FLAGS, *options,
            "--parallel", "2", "--threads-per-candidate", "1", "--", *TRAINER]
-    env = {**os.environ, candidates.RUN_LOG_ENV: run_log, "OMP_NUM_THREADS": "1"}
+    return work, run_log, cmd, {**os.environ, candidates.RUN_LOG_ENV: run_log, "OMP_NUM_THREADS": "1"}
+
+
+def test_search_end_to_end_killed_and_resumed(tmp_path, tiny_table):
+    _, table, target = tiny_table
+    work, run_log, cmd, env = _search(tmp_path, tiny_table, "--population", "3", "--sample-size", "2", "--cycles",
+                                      "1", "--per-cycle", "2", "--seed", "3")
 
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
@@ -168,14 +175,8 @@ def test_search_end_to_end_killed_and_resumed(tmp_path, tiny_table):
 def test_search_time_budget_stops_between_batches_and_the_same_command_resumes(tmp_path, tiny_table):
     """With --time-budget-min, no batch starts after the budget: the initial population (started in time) finishes,
     the children wait in the state, and the same command (budget included) trains them and ends the search."""
-    table_path, _, target = tiny_table
-    work = str(tmp_path / "search")
-    run_log = str(tmp_path / "runs.jsonl")
-    cmd = [sys.executable, os.path.join(REPO, "tools", "search_arch.py"), "--workdir", work,
-           "--latency-table", table_path, "--latency-target-ms", str(target), *SPACE_FLAGS,
-           "--population", "2", "--sample-size", "1", "--cycles", "1", "--per-cycle", "2", "--seed", "5",
-           "--parallel", "2", "--threads-per-candidate", "1", "--time-budget-min", "0.05", "--", *TRAINER]
-    env = {**os.environ, candidates.RUN_LOG_ENV: run_log, "OMP_NUM_THREADS": "1"}
+    work, run_log, cmd, env = _search(tmp_path, tiny_table, "--population", "2", "--sample-size", "1", "--cycles",
+                                      "1", "--per-cycle", "2", "--seed", "5", "--time-budget-min", "0.05")
 
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 3, first.stdout + first.stderr
