@@ -34,9 +34,12 @@ def test_matches_full_logits_with_vocab_padding(chunk_tokens):
     assert torch.all(got[2][vocab_size:] == 0)
 
 
-def test_bf16_close_to_fp32_definition():
-    hidden, weight, grad = _inputs(n=129, h=64, padded_vocab=256, dtype=torch.bfloat16)
-    labels = torch.randint(0, 250, (129,), generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU "
+                                                         "(the fused softmax kernels are compiled there)"))])
+def test_bf16_close_to_fp32_definition(device):
+    hidden, weight, grad = (t.to(device) for t in _inputs(n=129, h=64, padded_vocab=256, dtype=torch.bfloat16))
+    labels = torch.randint(0, 250, (129,), generator=torch.Generator().manual_seed(2)).to(device)
     got = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, grad, 250, chunk_tokens=50)
     want = _loss_and_grads(linear_cross_entropy_reference, hidden.float(), weight.float(), labels, grad, 250)
     for g, w in zip(got, want):

@@ -53,6 +53,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, mark_weight_norm
+from megatron_flash.ops.rms_norm import gated_rms_norm
 from megatron_flash.ops.short_conv import causal_conv1d, conv_init_
 from megatron_flash.ops.ssd import ssd_scan
 
@@ -237,10 +238,10 @@ class Mamba2Mixer(MegatronModule):
         P, N = self.head_dim, self.state_dim
         projected, _ = self.in_proj(hidden_states)  # [s, b, H_local*(2P+1)]: full sequence, this rank's heads
         seq, batch = projected.shape[:2]
-        per_head = projected.view(seq, batch, self.heads_local, 2 * P + 1).transpose(0, 1)  # [b, s, H_local, 2P+1]
-        z = per_head[..., :P].reshape(batch, seq, self.inner_local)
-        x = per_head[..., P:2 * P].reshape(batch, seq, self.inner_local)
-        dt = per_head[..., 2 * P]
+        per_head = projected.view(seq, batch, self.heads_local, 2 * P + 1)  # [s, b, H_local, 2P+1]
+        z = per_head[..., :P]  # read in place by the norm
+        x = per_head[..., P:2 * P].transpose(0, 1).reshape(batch, seq, self.inner_local)
+        dt = per_head[..., 2 * P].transpose(0, 1)
         bc = self._project_bc(hidden_states).transpose(0, 1)  # [b, s, 2GN]
         cu_seqlens = self._cu_seqlens(inputs, seq, batch)
 
@@ -255,8 +256,7 @@ class Mamba2Mixer(MegatronModule):
             x.view(batch, seq, self.heads_local, P), F.softplus(_fp32(dt) + _fp32(self.dt_bias)),
             -torch.exp(_fp32(self.A_log)), Bm, Cm, _fp32(self.D), chunk_size=self.config.mamba_chunk_size,
             cu_seqlens=cu_seqlens, backend=self.config.ssd_backend)
-        y = self._gated_rms_norm(y.reshape(batch, seq, self.inner_local), z)
-        out, _ = self.out_proj(y.transpose(0, 1).contiguous())
+        out, _ = self.out_proj(self._gated_rms_norm(y.transpose(0, 1), z).contiguous())
         return out
 
     def _project_bc(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -270,22 +270,22 @@ class Mamba2Mixer(MegatronModule):
         return F.linear(full, _summed_grad(self.bc_proj_weight, self.tp_group))
 
     def _gated_rms_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """rmsnorm(y * silu(z)) * norm_weight in fp32 over groups of d_inner/G channels; result in y's dtype."""
-        gated = _fp32(y) * F.silu(_fp32(z))  # [b, s, inner_local]
+        """rmsnorm(y * silu(z)) * norm_weight in fp32 over groups of d_inner/G channels; result in y's dtype.
+        y, z: [s, b, H_local, P] in any layout (views of the scan output and the projection); result [s, b,
+        inner_local]."""
         group_size = self.inner // self.groups
-        if self.groups % self.tp_size == 0:  # this rank holds whole groups: a local norm
-            grouped = gated.view(*gated.shape[:-1], -1, group_size)
-            normed = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + self.config.mamba_norm_eps)
-            normed = normed.view_as(gated)
-        else:  # this rank's channels are part of one group spread over several ranks
-            square_sum = gated.square().sum(-1, keepdim=True)
-            if self.groups > 1:  # place it in its group's slot so one all-reduce serves every group
-                slot = F.one_hot(torch.tensor(self.group_range[0]), self.groups).to(square_sum)
-                square_sum = _AllReduceSumBothWays.apply(square_sum * slot, self.tp_group)
-                square_sum = square_sum[..., self.group_range[0]:self.group_range[0] + 1]
-            else:
-                square_sum = _AllReduceSumBothWays.apply(square_sum, self.tp_group)
-            normed = gated * torch.rsqrt(square_sum / group_size + self.config.mamba_norm_eps)
+        if self.groups % self.tp_size == 0:  # this rank holds whole groups: a local norm (fused on GPUs)
+            return gated_rms_norm(y, z, self.norm_weight, group_size, self.config.mamba_norm_eps)
+        # this rank's channels are part of one group spread over several ranks
+        gated = (_fp32(y) * F.silu(_fp32(z))).flatten(-2)  # [s, b, inner_local]
+        square_sum = gated.square().sum(-1, keepdim=True)
+        if self.groups > 1:  # place it in its group's slot so one all-reduce serves every group
+            slot = F.one_hot(torch.tensor(self.group_range[0]), self.groups).to(square_sum)
+            square_sum = _AllReduceSumBothWays.apply(square_sum * slot, self.tp_group)
+            square_sum = square_sum[..., self.group_range[0]:self.group_range[0] + 1]
+        else:
+            square_sum = _AllReduceSumBothWays.apply(square_sum, self.tp_group)
+        normed = gated * torch.rsqrt(square_sum / group_size + self.config.mamba_norm_eps)
         return (normed * _fp32(self.norm_weight)).to(y.dtype)
 
     @staticmethod

@@ -4,8 +4,9 @@ ranks: the [tokens, vocabulary] logits (131072 columns here) are never held in f
 ``loss[t] = logsumexp_v(h[t] . w[v]) - h[t] . w[label[t]]`` over the real vocabulary: rows of ``weight`` at or
 past ``vocab_size`` (padding for TP) are excluded. ``weight`` is this rank's rows ``[vocab_start, vocab_start +
 V_local)`` of the full matrix. Forward keeps only the per-token log-sum-exp; backward recomputes each chunk's
-logits (one extra matmul: the price of not storing them) and accumulates the input and weight gradients. Logits and
-the softmax are fp32 whatever the input dtype (matmuls run in the input dtype with fp32 accumulation).
+logits (one extra matmul: the price of not storing them) and accumulates the input and weight gradients. The
+softmax is fp32 whatever the input dtype (matmuls run in the input dtype with fp32 accumulation); on GPUs each
+chunk's softmax passes are fused kernels (ops/compile.py) that read the logits in the matmul's dtype once.
 
 Under TP the input must enter through ``copy_to_tensor_model_parallel_region`` (as megatron's ColumnParallelLinear
 does): this op returns each rank's partial input gradient and that region all-reduces it.
@@ -19,7 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# Tokens per chunk are chosen so one chunk's fp32 logits hold about this many elements (1 GiB).
+from megatron_flash.ops.compile import compiled_on_cuda
+
+# Tokens per chunk are chosen so one chunk's logits hold about this many elements (512 MiB in bf16).
 CHUNK_ELEMENTS = 2**28
 
 
@@ -28,12 +31,30 @@ def _chunks(num_tokens: int, local_vocab: int, chunk_tokens: int | None):
     return [(s, min(s + size, num_tokens)) for s in range(0, num_tokens, size)]
 
 
-def _masked_logits(hidden, weight, vocab_start: int, vocab_size: int) -> torch.Tensor:
-    logits = (hidden @ weight.t()).float()
-    real = vocab_size - vocab_start
-    if real < weight.shape[0]:
-        logits[:, max(real, 0):] = float("-inf")
-    return logits
+def _real_logits(logits: torch.Tensor, real: int) -> torch.Tensor:
+    """fp32 logits with the columns past the real vocabulary (TP padding) at -inf."""
+    column = torch.arange(logits.shape[1], device=logits.device)
+    return logits.float().masked_fill(column >= real, float("-inf"))
+
+
+@compiled_on_cuda
+def _target_and_peak(logits, local, here, real: int):
+    """Each token's logit of its label (0 where the label is on another rank) and its largest logit."""
+    wide = _real_logits(logits, real)
+    return torch.where(here, wide.gather(1, local[:, None]).squeeze(1), 0.0), wide.amax(dim=1)
+
+
+@compiled_on_cuda
+def _sum_exp(logits, peak, real: int):
+    return (_real_logits(logits, real) - peak[:, None]).exp().sum(dim=1)
+
+
+@compiled_on_cuda
+def _grad_logits(logits, lse, local, here, grad_loss, real: int):
+    """d loss / d logits = (softmax - onehot(label)) * each token's incoming gradient, in the logits' dtype."""
+    probs = (_real_logits(logits, real) - lse[:, None]).exp()
+    onehot = torch.zeros_like(probs).scatter_(1, local[:, None], here.float()[:, None])
+    return ((probs - onehot) * grad_loss[:, None]).to(logits.dtype)
 
 
 def _local_target(labels, vocab_start: int, local_vocab: int):
@@ -49,14 +70,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n, local_vocab = hidden.shape[0], weight.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         target = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        real = vocab_size - vocab_start  # this rank's rows past it are padding
         for s, e in _chunks(n, local_vocab, chunk_tokens):
-            logits = _masked_logits(hidden[s:e], weight, vocab_start, vocab_size)
+            logits = hidden[s:e] @ weight.t()
             local, here = _local_target(labels[s:e], vocab_start, local_vocab)
-            target[s:e] = torch.where(here, logits.gather(1, local[:, None]).squeeze(1), 0.0)
-            peak = logits.max(dim=1).values
+            target[s:e], peak = _target_and_peak(logits, local, here, real)
             if group is not None:
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-            sum_exp = (logits - peak[:, None]).exp_().sum(dim=1)
+            sum_exp = _sum_exp(logits, peak, real)
             if group is not None:
                 dist.all_reduce(sum_exp, group=group)
             lse[s:e] = sum_exp.log_() + peak
@@ -73,16 +94,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_loss = grad_loss.float()
+        real = ctx.vocab_size - ctx.vocab_start
         for s, e in _chunks(n, local_vocab, ctx.chunk_tokens):
-            # d loss / d logits = softmax - onehot(label), scaled by each token's incoming gradient
-            probs = _masked_logits(hidden[s:e], weight, ctx.vocab_start, ctx.vocab_size)
-            probs.sub_(lse[s:e, None]).exp_()
             local, here = _local_target(labels[s:e], ctx.vocab_start, local_vocab)
-            probs.scatter_add_(1, local[:, None], -here.float()[:, None])
-            probs.mul_(grad_loss[s:e, None])
-            grad_logits = probs.to(hidden.dtype)
+            grad_logits = _grad_logits(hidden[s:e] @ weight.t(), lse[s:e], local, here, grad_loss[s:e], real)
             grad_hidden[s:e] = grad_logits @ weight
-            grad_weight += (grad_logits.t() @ hidden[s:e]).float()
+            grad_weight += grad_logits.t() @ hidden[s:e]  # one fused widening add
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 

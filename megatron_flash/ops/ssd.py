@@ -14,7 +14,9 @@ with head h reading group ``h // (H / G)``, D [H] or None; states [N_seq, H, P, 
   on Hopper with 3.4 <= triton < 3.7.1 (wrong results, fla issue #640) unless tilelang is usable: there this
   backend raises before the forward when a gradient could be requested;
 * ``torch``: the chunked SSD of the Mamba2 paper's ``ssd_minimal`` (batched matmuls inside chunks of
-  ``chunk_size`` tokens, a [chunks x chunks] decay matrix between them), in fp32 (fp64 for fp64 inputs), any device;
+  ``chunk_size`` tokens, a [chunks x chunks] decay matrix between them), any device. Decays, sums and states are
+  fp32 (fp64 for fp64 inputs); the contractions take bf16/fp16 operands when x, B and C come in that dtype, as
+  mamba_ssm's kernels do (tensor cores, fp32 accumulation inside each matmul), else the fp32/fp64 ones;
 * ``torch_compile``: the same function under ``torch.compile``, for GPUs without mamba_ssm;
 * ``auto``: mamba_ssm on CUDA when importable, else torch_compile on CUDA, else torch.
 
@@ -83,6 +85,13 @@ def _check_inputs(x, dt, A, Bm, Cm, D, initial_state, cu_seqlens) -> list[tuple[
 def _compute_dtype(*tensors) -> torch.dtype:
     """fp64 if any input is fp64, else fp32: the torch backends accumulate in at least fp32."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _matmul_dtype(x, Bm, Cm, compute_dtype: torch.dtype) -> torch.dtype:
+    """The operand dtype of the chunked SSD's contractions: x's when x, B and C share a 16-bit dtype (their values
+    are already rounded to it, and 16-bit matmuls accumulate in fp32), else the compute dtype."""
+    half = x.dtype in (torch.bfloat16, torch.float16) and Bm.dtype == Cm.dtype == x.dtype
+    return x.dtype if half else compute_dtype
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -171,17 +180,22 @@ def _chunk_layout(bounds, chunk_size: int, packed: bool, device) -> _ChunkLayout
 
 
 def _ssd_chunks(x, dt, A, Bm, Cm, D, initial_state, chunk_doc, doc_first_chunk, doc_last_chunk, chunk_size: int):
-    """The chunked SSD on a chunk-aligned sequence. All tensors in the compute dtype.
+    """The chunked SSD on a chunk-aligned sequence.
 
-    x [b, c*l, H, P], dt [b, c*l, H], Bm/Cm [b, c*l, G, N], initial_state [b, docs, H, P, N] or None,
-    chunk_doc [c], doc_first_chunk / doc_last_chunk [docs]. Returns y [b, c*l, H, P], final [b, docs, H, P, N].
+    x, Bm, Cm in the matmul dtype (see :func:`_matmul_dtype`), dt, A, D, initial_state in the compute dtype: every
+    contraction takes matmul-dtype operands and its result is widened before it is summed or decayed, so decays,
+    sums and states are in the compute dtype. x [b, c*l, H, P], dt [b, c*l, H], Bm/Cm [b, c*l, G, N],
+    initial_state [b, docs, H, P, N] or None, chunk_doc [c], doc_first_chunk / doc_last_chunk [docs].
+    Returns y [b, c*l, H, P] in the matmul dtype and final [b, docs, H, P, N] in the compute dtype.
     Heads are handled as [G, H/G] so that B and C are never repeated per head.
     """
     b, padded_length, heads, p = x.shape
     g, n = Bm.shape[2:]
     k, l = heads // g, chunk_size
     c = padded_length // l
-    xdt = (x * dt[..., None]).view(b, c, l, g, k, p)
+    mm, wide = x.dtype, dt.dtype
+    x_wide = x.to(wide)
+    xdt = x_wide * dt[..., None]
     log_decay = (dt * A).view(b, c, l, heads).permute(0, 3, 1, 2)  # [b, H, c, l]
     Bc, Cc = Bm.view(b, c, l, g, n), Cm.view(b, c, l, g, n)
     cum = log_decay.cumsum(dim=-1)  # [b, H, c, l] log-decay from the chunk start through token l
@@ -189,19 +203,20 @@ def _ssd_chunks(x, dt, A, Bm, Cm, D, initial_state, chunk_doc, doc_first_chunk, 
 
     # 1. inside each chunk: y_l += sum_{s <= l} (C_l . B_s) exp(sum_{s<r<=l} a_r) x_s dt_s
     decay_within = grouped(torch.exp(_segsum(log_decay))).permute(0, 3, 1, 2, 4, 5)  # [b, c, G, H/G, l, s]
-    scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)[:, :, :, None] * decay_within
-    y = torch.einsum("bcgkls,bcsgkp->bclgkp", scores, xdt)
+    scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)[:, :, :, None].to(wide) * decay_within
+    y = torch.einsum("bcgkls,bcsgkp->bclgkp", scores.to(mm), xdt.to(mm).view(b, c, l, g, k, p)).to(wide)
 
     # 2. each chunk's own contribution to the state at its end
-    to_chunk_end = grouped(torch.exp(cum[..., -1:] - cum)).permute(0, 3, 4, 1, 2)  # [b, c, l, G, H/G]
-    chunk_states = torch.einsum("bclgn,bclgkp->bcgkpn", Bc, xdt * to_chunk_end[..., None])
+    to_chunk_end = torch.exp(cum[..., -1:] - cum).permute(0, 2, 3, 1)  # [b, c, l, H]
+    weighted = (xdt.view(b, c, l, heads, p) * to_chunk_end[..., None]).to(mm).view(b, c, l, g, k, p)
+    chunk_states = torch.einsum("bclgn,bclgkp->bcgkpn", Bc, weighted)
 
     # 3. states after each chunk: decayed sums of the chunk states of the same document, plus its initial state
     chunk_log_decay = cum[..., -1]  # [b, H, c]
     between = _segsum(chunk_log_decay)  # [b, H, c, c]: log-decay over chunks j+1..i
     same_doc = chunk_doc[:, None] == chunk_doc[None, :]
     carry = torch.exp(between).masked_fill(~same_doc, 0.0)
-    after = torch.einsum("bgkij,bjgkpn->bigkpn", grouped(carry), chunk_states)  # [b, c, G, H/G, P, N]
+    after = torch.einsum("bgkij,bjgkpn->bigkpn", grouped(carry).to(mm), chunk_states).to(wide)  # [b, c, G, H/G, P, N]
     if initial_state is not None:
         first = doc_first_chunk[chunk_doc]  # [c] first chunk of each chunk's document
         since_doc_start = between.gather(-1, first.expand(b, heads, c)[..., None])[..., 0] + \
@@ -218,12 +233,12 @@ def _ssd_chunks(x, dt, A, Bm, Cm, D, initial_state, chunk_doc, doc_first_chunk, 
     else:
         entering = entering * continues[:, None, None, None, None]
     from_chunk_start = grouped(torch.exp(cum)).permute(0, 3, 4, 1, 2)  # [b, c, l, G, H/G]
-    y = y + torch.einsum("bclgn,bcgkpn->bclgkp", Cc, entering) * from_chunk_start[..., None]
+    y = y + torch.einsum("bclgn,bcgkpn->bclgkp", Cc, entering.to(mm)).to(wide) * from_chunk_start[..., None]
 
     y = y.reshape(b, padded_length, heads, p)
     if D is not None:
-        y = y + D[:, None] * x
-    return y, final.reshape(b, -1, heads, p, n)
+        y = y + D[:, None] * x_wide
+    return y.to(mm), final.reshape(b, -1, heads, p, n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,12 +250,14 @@ def _compiled_ssd_chunks():
 def _ssd_torch(x, dt, A, Bm, Cm, D, initial_state, output_final_state, cu_seqlens, bounds, chunk_size, compiled):
     batch, length, heads, _ = x.shape
     dtype = _compute_dtype(x, dt, A, Bm, Cm, D, initial_state)
+    mm = _matmul_dtype(x, Bm, Cm, dtype)
     chunk_size = max(1, min(chunk_size, max(end - start for start, end in bounds)))
     layout = _chunk_layout(bounds, chunk_size, cu_seqlens is not None, x.device)
-    inputs = [t.to(dtype) for t in (x, dt, Bm, Cm)]
+    inputs = [x.to(mm), dt.to(dtype), Bm.to(mm), Cm.to(mm)]
     if layout.token_slots is None:
         pad = layout.padded_length - length
-        inputs = [F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in inputs]
+        if pad:
+            inputs = [F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in inputs]
     else:  # scatter the documents into their chunk-aligned slots; padding stays zero (dt = 0: no effect)
         inputs = [t.new_zeros(1, layout.padded_length, *t.shape[2:]).index_copy(1, layout.token_slots, t)
                   for t in inputs]

@@ -1,0 +1,34 @@
+"""RMSNorm and Mamba2's gated RMSNorm, computed in fp32 whatever the input dtype, fused on GPUs (ops/compile.py).
+
+``rms_norm(x, w) = x * rsqrt(mean(x^2) + eps) * w`` over the last dimension;
+``gated_rms_norm(y, z, w) = rms_norm(y * silu(z)) * w`` with y, z [..., heads, head_dim] (any strides: the fused
+kernel reads views in place) flattened to [..., heads * head_dim] and normalized over groups of ``group_size`` of
+those channels (mamba_ssm's ``RMSNormGated`` with ``norm_before_gate=False``). Results are in x's (y's) dtype;
+fp64 stays fp64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_flash.ops.compile import compiled_on_cuda
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+@compiled_on_cuda
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = _wide(x)
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * _wide(weight)).to(x.dtype)
+
+
+@compiled_on_cuda
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
+                   eps: float) -> torch.Tensor:
+    gated = (_wide(y) * F.silu(_wide(z))).flatten(-2)
+    grouped = gated.unflatten(-1, (-1, group_size))
+    normed = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + eps)
+    return (normed.flatten(-2) * _wide(weight)).to(y.dtype)

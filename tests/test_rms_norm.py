@@ -1,0 +1,81 @@
+"""ops.rms_norm: RMSNorm against torch's F.rms_norm, the gated RMSNorm against its formula on strided views, and
+on a GPU the compiled (fused) kernels against the eager definitions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_flash.ops.rms_norm import gated_rms_norm, rms_norm
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels are compiled on GPUs only")
+
+
+def _leaf(*shape, dtype, seed, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype).requires_grad_()
+
+
+def _value_and_grads(fn, *leaves):
+    for t in leaves:
+        t.grad = None
+    out = fn()
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(99)).to(out)
+    (out.float() * cotangent.float()).sum().backward()
+    return [out.detach()] + [t.grad.clone() for t in leaves]
+
+
+def _assert_all_close(got, want, **tol):
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, dict(rtol=1e-12, atol=1e-12)),
+                                       (torch.bfloat16, dict(rtol=1.6e-2, atol=1e-2))])
+def test_rms_norm_matches_torch(dtype, tol):
+    x, w = _leaf(3, 5, 37, dtype=dtype, seed=0), _leaf(37, dtype=dtype, seed=1)
+    got = _value_and_grads(lambda: rms_norm(x, w, 1e-5), x, w)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    want = _value_and_grads(lambda: F.rms_norm(x64, (37,), w64, 1e-5), x64, w64)
+    _assert_all_close(got, [t.to(dtype) for t in want], **tol)
+
+
+def _gated_formula(y, z, w, group_size, eps):
+    """mamba_ssm's RMSNormGated (norm_before_gate=False) spelled out, in fp64."""
+    gated = (y.double() * z.double() * torch.sigmoid(z.double())).reshape(*y.shape[:-2], -1)
+    groups = gated.reshape(*gated.shape[:-1], -1, group_size)
+    normed = groups / torch.sqrt(groups.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed.reshape(gated.shape) * w.double()).to(y.dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, dict(rtol=1e-12, atol=1e-12)),
+                                       (torch.bfloat16, dict(rtol=1.6e-2, atol=1e-2))])
+@pytest.mark.parametrize("group_size", [3 * 7, 6 * 7])
+def test_gated_rms_norm_on_strided_views(dtype, tol, group_size):
+    """y and z as the Mamba2 mixer passes them: a transposed scan output and a slice of the projection."""
+    y_bs = _leaf(2, 5, 6, 7, dtype=dtype, seed=2)  # [b, s, heads, head_dim]
+    projected = _leaf(5, 2, 6, 15, dtype=dtype, seed=3)  # [s, b, heads, 2 * head_dim + 1]
+    w = _leaf(6 * 7, dtype=dtype, seed=4)
+    got = _value_and_grads(lambda: gated_rms_norm(y_bs.transpose(0, 1), projected[..., :7], w, group_size, 1e-5),
+                           y_bs, projected, w)
+    want = _value_and_grads(lambda: _gated_formula(y_bs.transpose(0, 1), projected[..., :7], w, group_size, 1e-5),
+                            y_bs, projected, w)
+    assert got[0].shape == (5, 2, 42)
+    _assert_all_close(got, want, **tol)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernels_match_eager_on_gpu(dtype):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    x, w = _leaf(4, 3, 257, dtype=dtype, seed=5, device="cuda"), _leaf(257, dtype=dtype, seed=6, device="cuda")
+    _assert_all_close(_value_and_grads(lambda: rms_norm(x, w, 1e-6), x, w),
+                      _value_and_grads(lambda: rms_norm.eager(x, w, 1e-6), x, w), rtol=2e-2, atol=2e-2)
+    y = _leaf(3, 4, 6, 9, dtype=dtype, seed=7, device="cuda")
+    z = _leaf(4, 3, 6, 19, dtype=dtype, seed=8, device="cuda")
+    g = _leaf(54, dtype=dtype, seed=9, device="cuda")
+    args = lambda: (y.transpose(0, 1), z[..., :9], g, 27, 1e-5)  # noqa: E731
+    _assert_all_close(_value_and_grads(lambda: gated_rms_norm(*args()), y, z, g),
+                      _value_and_grads(lambda: gated_rms_norm.eager(*args()), y, z, g), rtol=2e-2, atol=2e-2)
+    assert counters["stats"]["unique_graphs"] >= 2  # the compiled path ran
