@@ -109,7 +109,9 @@ def make_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
-        bias_activation_fusion=False,
+        # megatron's SwiGLU autograd function: its jit_fuser (torch.compile) makes forward and backward one kernel
+        # each on GPUs; with dynamo off (the CPU runtime) the same functions run eagerly
+        bias_activation_fusion=True,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,

@@ -2,7 +2,6 @@
 errors its bounds are meant to catch (a window edge or a document boundary off by one) at the GPU run's shape."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,21 +11,11 @@ import pytest
 import torch
 
 from megatron_flash.layers.attention import SDPAttention
+from tests.tool_loading import REPO, load_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check_attention.py")
 CPU = torch.device("cpu")
-
-
-def _load_check():
-    spec = importlib.util.spec_from_file_location("gpu_check_attention", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-check = _load_check()
+check = load_script("benchmarks", "gpu_check_attention")
 
 
 def test_smoke_run_passes_every_check(tmp_path):

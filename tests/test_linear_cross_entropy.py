@@ -22,15 +22,18 @@ def _loss_and_grads(fn, hidden, weight, labels, grad, vocab_size, **kw):
     return loss.detach(), hidden.grad, weight.grad
 
 
-@pytest.mark.parametrize("chunk_tokens", [16, 33, None])
-def test_matches_full_logits_with_vocab_padding(chunk_tokens):
+@pytest.mark.parametrize("chunk_elements", [16 * 37, 33 * 37, None])  # 5, 3 and 1 chunks of tokens and of rows
+def test_matches_full_logits_with_vocab_padding(chunk_elements):
     hidden, weight, grad = _inputs()
     vocab_size = 37  # the last 3 rows are TP padding: never part of the softmax
     labels = torch.randint(0, vocab_size, (hidden.shape[0],), generator=torch.Generator().manual_seed(1))
-    got = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, grad, vocab_size, chunk_tokens=chunk_tokens)
+    got = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, grad, vocab_size,
+                          chunk_elements=chunk_elements)
     want = _loss_and_grads(linear_cross_entropy_reference, hidden, weight, labels, grad, vocab_size)
+    # fp32 logits of magnitude ~25 carry ~2e-6 of rounding, which a recompute over other matmul blocks can flip:
+    # gradients agree to ~1e-5 absolute (2e-6 of their largest entries)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     assert torch.all(got[2][vocab_size:] == 0)
 
 
@@ -40,7 +43,7 @@ def test_matches_full_logits_with_vocab_padding(chunk_tokens):
 def test_bf16_close_to_fp32_definition(device):
     hidden, weight, grad = (t.to(device) for t in _inputs(n=129, h=64, padded_vocab=256, dtype=torch.bfloat16))
     labels = torch.randint(0, 250, (129,), generator=torch.Generator().manual_seed(2)).to(device)
-    got = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, grad, 250, chunk_tokens=50)
+    got = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, grad, 250, chunk_elements=50 * 250)
     want = _loss_and_grads(linear_cross_entropy_reference, hidden.float(), weight.float(), labels, grad, 250)
     for g, w in zip(got, want):
         assert (g.float() - w).norm() / w.norm() < 2e-2
@@ -54,11 +57,10 @@ def test_rejects_mismatched_shapes():
         linear_cross_entropy(hidden, weight[:, :5], torch.zeros(70, dtype=torch.long), 37)
 
 
-def _tensor_parallel_case():
+def _tensor_parallel_case(vocab_size):
     from megatron.core import parallel_state, tensor_parallel
 
     hidden, weight, grad = _inputs()
-    vocab_size = 37
     labels = torch.randint(0, vocab_size, (hidden.shape[0],), generator=torch.Generator().manual_seed(1))
     rank, world = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
     per_rank = weight.shape[0] // world
@@ -66,16 +68,18 @@ def _tensor_parallel_case():
     hidden_leaf = hidden.clone().requires_grad_()
     loss = linear_cross_entropy(tensor_parallel.copy_to_tensor_model_parallel_region(hidden_leaf), local_weight,
                                 labels, vocab_size, vocab_start=rank * per_rank,
-                                group=parallel_state.get_tensor_model_parallel_group(), chunk_tokens=16)
+                                group=parallel_state.get_tensor_model_parallel_group(), chunk_elements=16 * 20)
     (loss * grad).sum().backward()
     want = _loss_and_grads(linear_cross_entropy_reference, hidden, weight, labels, grad, vocab_size)
     torch.testing.assert_close(loss.detach(), want[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(hidden_leaf.grad, want[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden_leaf.grad, want[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(local_weight.grad, want[2][rank * per_rank:(rank + 1) * per_rank], rtol=1e-5,
-                               atol=1e-6)
+                               atol=1e-5)
     return True
 
 
-def test_tensor_parallel_vocab_split_matches_one_rank():
-    # 40 rows over 2 ranks: rank 1 holds rows 20..39, of which 37..39 are padding
-    assert run_distributed(_tensor_parallel_case, world_size=2, tensor_model_parallel_size=2) == [True, True]
+# 40 rows over 2 ranks: rank 1 holds rows 20..39; with 37 real rows 37..39 are padding, with 15 all of its rows are
+@pytest.mark.parametrize("vocab_size", [37, 15])
+def test_tensor_parallel_vocab_split_matches_one_rank(vocab_size):
+    assert run_distributed(_tensor_parallel_case, world_size=2, tensor_model_parallel_size=2,
+                           args=(vocab_size,)) == [True, True]

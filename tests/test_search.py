@@ -176,7 +176,10 @@ def test_search_time_budget_stops_between_batches_and_the_same_command_resumes(t
     """With --time-budget-min, no batch starts after the budget: the initial population (started in time) finishes,
     the children wait in the state, and the same command (budget included) trains them and ends the search."""
     work, run_log, cmd, env = _search(tmp_path, tiny_table, "--population", "2", "--sample-size", "1", "--cycles",
-                                      "1", "--per-cycle", "2", "--seed", "5", "--time-budget-min", "0.05")
+                                      "1", "--per-cycle", "2", "--seed", "5", "--time-budget-min", "0.1")
+    # Margins on both sides of the 6 s budget on a busy 2-core machine: the first batch starts well within it (the
+    # search needs ~1 s to get there), and its candidates train long enough (~15 s) to end well after it.
+    cmd += ["--train-iters", "150"]
 
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 3, first.stdout + first.stderr

@@ -238,10 +238,12 @@ class Mamba2Mixer(MegatronModule):
         P, N = self.head_dim, self.state_dim
         projected, _ = self.in_proj(hidden_states)  # [s, b, H_local*(2P+1)]: full sequence, this rank's heads
         seq, batch = projected.shape[:2]
+        # split, not three slices: backward then writes the projection's gradient in one pass (one cat), where
+        # slices would each zero-fill and add a full-size tensor
         per_head = projected.view(seq, batch, self.heads_local, 2 * P + 1)  # [s, b, H_local, 2P+1]
-        z = per_head[..., :P]  # read in place by the norm
-        x = per_head[..., P:2 * P].transpose(0, 1).reshape(batch, seq, self.inner_local)
-        dt = per_head[..., 2 * P].transpose(0, 1)
+        z, x, dt = per_head.split([P, P, 1], dim=-1)  # z is read in place by the norm
+        x = x.transpose(0, 1).reshape(batch, seq, self.inner_local)
+        dt = dt.squeeze(-1).transpose(0, 1)
         bc = self._project_bc(hidden_states).transpose(0, 1)  # [b, s, 2GN]
         cu_seqlens = self._cu_seqlens(inputs, seq, batch)
 
