@@ -26,14 +26,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_flash import runtime  # noqa: E402
-from megatron_flash.testing import CheckReport, relative_error  # noqa: E402
+from megatron_flash.testing import CheckReport, relative_error, step_times_ms  # noqa: E402
 
 # Bounds on relative error of bf16 paths against the fp32 definition; bf16 rounding alone of o is ~4e-3.
 TOLERANCE = {"forward": 2e-2, "backward": 3e-2}
@@ -206,23 +205,11 @@ def time_step(step, device, warmup: int, repeats: int) -> dict:
     on_gpu = device.type == "cuda"
     for _ in range(warmup):
         step()
-    times = []
     if on_gpu:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(repeats):
-        if on_gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = step_times_ms(step, 0, repeats, cuda=on_gpu)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if on_gpu else None
     return dict(ms=statistics.median(times), ms_min=min(times), peak_gib=peak, repeats=repeats)
 

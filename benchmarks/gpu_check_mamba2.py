@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import traceback
 
 import torch
 
 from megatron_flash import runtime
 from megatron_flash.ops.ssd import fla_backward_unsupported_reason, ssd_reference, ssd_scan
-from megatron_flash.testing import CheckReport, relative_error
+from megatron_flash.testing import CheckReport, relative_error, step_times_ms
 
 FULL = dict(scan=dict(batch=2, length=1000, heads=8, head_dim=64, state_dim=128, chunk=64),
             layer=dict(hidden=2048, head_dim=64, state_dim=128, batch=8, length=4096, chunk=64),
@@ -128,27 +127,15 @@ def packed_accuracy(cfg, device, fla_reason) -> list[dict]:
 
 def measure(step, device, warmup, iters) -> dict:
     """Median milliseconds of step() and its peak memory above what was allocated before it (GiB)."""
+    on_gpu = device.type == "cuda"
     for _ in range(warmup):
         step()
-    times = []
-    if device.type == "cuda":
+    if on_gpu:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            step()
-            times.append(1e3 * (time.perf_counter() - t0))
-        peak = float("nan")
+    times = step_times_ms(step, 0, iters, cuda=on_gpu)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if on_gpu else float("nan")
     return dict(ms=statistics.median(times), peak_gib=peak)
 
 

@@ -21,6 +21,7 @@ import time
 import torch
 
 from megatron_flash.ops import linear_cross_entropy as this_version
+from megatron_flash.testing import median_ms, relative_error
 
 FULL = dict(tokens=16384, hidden=2048, cases=((131072, 131072), (131073, 131200)), warmup=3, iters=5)
 SMOKE = dict(tokens=96, hidden=32, cases=((200, 200), (201, 256)), warmup=1, iters=2)
@@ -34,39 +35,24 @@ def load_op(path: str):
 
 
 def time_op(fn, hidden, weight, labels, vocab_size, warmup, iters):
-    """Median forward + backward ms (CUDA events on GPU, wall clock on CPU), the first warm-up's seconds (compile
-    included), and the last run's loss and gradients."""
+    """Median forward + backward ms, the first call's seconds (compilation included), and the last run's loss and
+    gradients."""
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    last = {}
 
     def step():
         h.grad = w.grad = None
         loss = fn(h, w, labels, vocab_size)
         loss.mean().backward()
-        return loss.detach()
+        last["loss"] = loss.detach()
 
     start = time.perf_counter()
     step()
-    sync()
-    first_s = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        step()
-    times = []
-    for _ in range(iters):
-        sync()
-        start = time.perf_counter()
-        loss = step()
-        sync()
-        times.append((time.perf_counter() - start) * 1000)
-    return sorted(times)[len(times) // 2], first_s, loss, h.grad, w.grad
-
-
-def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def relative(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    first_s = time.perf_counter() - start
+    ms = median_ms(step, warmup - 1, iters)
+    return ms, first_s, last["loss"], h.grad, w.grad
 
 
 def main(argv=None):
@@ -94,8 +80,8 @@ def main(argv=None):
             base_ms, base_first_s, base_loss, base_dh, base_dw = time_op(baseline, hidden, weight, labels,
                                                                          vocab_size, cfg["warmup"], cfg["iters"])
             row.update(baseline_fwd_bwd_ms=base_ms, baseline_first_call_s=base_first_s,
-                       rel_diff_loss=relative(loss, base_loss), rel_diff_dhidden=relative(dh, base_dh),
-                       rel_diff_dweight=relative(dw, base_dw))
+                       rel_diff_loss=relative_error(loss, base_loss), rel_diff_dhidden=relative_error(dh, base_dh),
+                       rel_diff_dweight=relative_error(dw, base_dw))
         results[f"vocab_{vocab_size}_rows_{rows}"] = row
         print(json.dumps({f"vocab_{vocab_size}_rows_{rows}": row}), flush=True)
         os.makedirs(args.out, exist_ok=True)

@@ -18,6 +18,8 @@ import traceback
 
 import torch
 
+from megatron_flash.testing import median_ms
+
 SMOKE = False
 
 
@@ -31,26 +33,6 @@ def record(args, results, name, value):
     with open(out_path(args), "w") as f:
         json.dump(results, f, indent=1, default=str)
     print(f"== {name}: {json.dumps(value, default=str)[:2000]}", flush=True)
-
-
-def cuda_time_ms(fn, warmup=2, iters=5):
-    """Median time of fn() in ms (CUDA events on GPU, wall clock on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1000)
-    return sorted(times)[len(times) // 2]
 
 
 # --- sections -------------------------------------------------------------------------------------------------
@@ -112,7 +94,7 @@ def section_layers():
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            ms = cuda_time_ms(step)
+            ms = median_ms(step)
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
             rows.append({"layer": name, "backend": backend or "default", "fwd_bwd_ms": round(ms, 2),
                          "peak_gib": round(peak, 2), "tokens": batch * seq})
@@ -192,7 +174,7 @@ def section_gpt_baseline(micro_batch, iters=6):
         ddp.finish_grad_sync()
         opt.step()
 
-    ms = cuda_time_ms(step, warmup=2, iters=iters)
+    ms = median_ms(step, warmup=2, iters=iters)
     tps = micro_batch * seq / (ms / 1000)
     return {"params": n_params, "micro_batch": micro_batch, "ms_per_iter": ms, "tokens_per_s": tps,
             "mfu_6N": 6 * n_params * tps / PEAK if PEAK else None,
@@ -220,7 +202,7 @@ def section_fla_baseline(micro_batch, iters=6):
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    ms = cuda_time_ms(step, warmup=2, iters=iters)
+    ms = median_ms(step, warmup=2, iters=iters)
     tps = micro_batch * seq / (ms / 1000)
     return {"params": n_params, "micro_batch": micro_batch, "ms_per_iter": ms, "tokens_per_s": tps,
             "mfu_6N": 6 * n_params * tps / PEAK if PEAK else None,

@@ -1,8 +1,9 @@
 """Run a function in N local processes that form one torch.distributed job (gloo on CPU, NCCL on GPUs).
 
 Used by the tests to check TP/PP/DP equivalence and by benchmarks; nothing leaves the loopback interface.
-:func:`weight_norm_invariants` is the per-step check both use on the optimizer's state; :func:`relative_error` and
-:class:`CheckReport` are what the GPU check scripts (benchmarks/gpu_check_*.py) measure with and report through.
+:func:`weight_norm_invariants` is the per-step check both use on the optimizer's state; :func:`relative_error`,
+:func:`step_times_ms` / :func:`median_ms` and :class:`CheckReport` are what the GPU check scripts and benchmarks
+(benchmarks/) measure with and report through; :class:`OpTrace` records the aten ops a piece of code runs.
 
     def body(tp):                      # module-level, so spawned processes can import it
         ...                            # runtime.initialize() has already run: groups and seeds are set
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
 import traceback
@@ -24,6 +26,7 @@ import zlib
 
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_flash import runtime
 
@@ -158,6 +161,67 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """||got - want|| / ||want|| in float64 (the measure every GPU check reports against its reference)."""
     got, want = got.detach().double(), want.detach().double()
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def step_times_ms(step, warmup: int = 2, iters: int = 5, cuda: bool | None = None) -> list:
+    """Milliseconds of each of ``iters`` calls of ``step()`` after ``warmup`` calls: CUDA events on a GPU (``cuda``
+    defaults to whether one is available), the wall clock otherwise."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def median_ms(step, warmup: int = 2, iters: int = 5) -> float:
+    """Median of :func:`step_times_ms`."""
+    return statistics.median(step_times_ms(step, warmup, iters))
+
+
+class OpTrace(TorchDispatchMode):
+    """Every aten op run: its name, the shapes/dtypes of its tensor arguments and its other arguments."""
+
+    # Ops that read a tensor's value on the host (or size an output by it): a device synchronization, and a value
+    # frozen into a CUDA graph at capture.
+    HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "item", "unique", "_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+
+        def describe(a):
+            if isinstance(a, torch.Tensor):
+                return ("tensor", tuple(a.shape), a.dtype)
+            if isinstance(a, (list, tuple)):
+                return tuple(describe(x) for x in a)
+            return repr(a)
+
+        self.ops.append((func.__name__, describe(args), describe(sorted(kwargs.items()))))
+        return func(*args, **kwargs)
+
+    def host_reads(self):
+        """The ops that read a tensor's value on the host."""
+        return [op[0] for op in self.ops if op[0].split(".")[0] in self.HOST_READS]
+
+    def tensor_dtypes(self, *op_names: str) -> set:
+        """The dtypes of the tensor arguments of the ops called ``op_names`` (e.g. "bmm.default")."""
+        return {a[2] for name, args, _ in self.ops if name in op_names for a in args
+                if isinstance(a, tuple) and a[:1] == ("tensor",)}
 
 
 class CheckReport(dict):

@@ -11,7 +11,7 @@ import torch
 
 from megatron_flash.export import convert
 from megatron_flash.export.hf_mapping import ConversionError
-from megatron_flash.testing import run_distributed
+from megatron_flash.testing import relative_error, run_distributed
 
 OFFICIAL_LAYOUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "official_layout"
 BASE = ["--mock-data", "--seq-length", "24", "--micro-batch-size", "2", "--global-batch-size", "4",
@@ -35,10 +35,6 @@ PRESET_FILE = {"id": "c0007", "preset_fields": dict(
     vocab_size=512, num_meta_tokens=4, tie_embeddings=True, mamba_state_dim=16, mamba_head_dim=16,
     mamba_chunk_size=16), "trainer_args": [], "info": {}}
 TOKENS = torch.randint(0, 500, (2, 21), generator=torch.Generator().manual_seed(11))
-
-
-def _relative_error(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -203,7 +199,7 @@ def test_exported_model_gives_the_megatron_logits(trained, converted, load_hf, n
         logits = model(TOKENS).logits
     reference = trained[name]["logits"]
     assert logits.shape == reference.shape
-    assert _relative_error(logits, reference) < 1e-4
+    assert relative_error(logits, reference) < 1e-4
 
 
 def test_a_preset_file_model_exports_its_own_shape(converted):
@@ -259,7 +255,7 @@ def test_cached_decoding_and_generation_on_exported_weights(converted, load_hf):
         for t in range(5, 12):
             out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
             pieces.append(out.logits)
-        assert _relative_error(torch.cat(pieces, dim=1), full) < 1e-5
+        assert relative_error(torch.cat(pieces, dim=1), full) < 1e-5
         generated = model.generate(ids[:, :7], do_sample=False, max_new_tokens=6, pad_token_id=0)
         expected = ids[:, :7]
         for _ in range(6):

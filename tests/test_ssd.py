@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_flash.ops.ssd import resolve_backend, ssd_reference, ssd_scan
+from megatron_flash.testing import OpTrace, relative_error
+
+MATMULS = ("bmm.default", "mm.default")
 
 
 def _inputs(batch, length, heads, head_dim, groups, state_dim, *, dtype=torch.float64, seed=0, sequences=None,
@@ -174,25 +177,6 @@ def test_torch_compile_matches_reference():
                   _outputs_and_grads(ssd_reference, t64), rtol=1e-4, atol=1e-4)
 
 
-class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the operand dtypes of every matrix product dispatched while active."""
-
-    PRODUCTS = {torch.ops.aten.bmm.default, torch.ops.aten.mm.default, torch.ops.aten.matmul.default}
-
-    def __init__(self):
-        super().__init__()
-        self.dtypes = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.PRODUCTS:
-            self.dtypes.update(a.dtype for a in args if isinstance(a, torch.Tensor))
-        return func(*args, **(kwargs or {}))
-
-
-def _relative_error(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 @pytest.mark.parametrize("cu_seqlens", [None, [0, 37, 100, 161]])
 def test_bf16_inputs_contract_in_bf16_within_bf16_error(cu_seqlens):
     """x, B, C in bf16 (as the mixer feeds them): every contraction, forward and backward, takes bf16 operands, and
@@ -207,18 +191,18 @@ def test_bf16_inputs_contract_in_bf16_within_bf16_error(cu_seqlens):
     half = {k: (v.detach().to(torch.bfloat16 if k in ("x", "Bm", "Cm") else torch.float32).requires_grad_()
                 if v is not None else None) for k, v in t64.items()}
     want = _outputs_and_grads(ssd_reference, t64, cu_seqlens=cu)
-    with _MatmulDtypes() as seen:
+    with OpTrace() as trace:
         got = _outputs_and_grads(ssd_scan, half, chunk_size=32, cu_seqlens=cu, backend="torch")
-    assert seen.dtypes == {torch.bfloat16}
+    assert trace.tensor_dtypes(*MATMULS) == {torch.bfloat16}
     (y, final, grads), (y_ref, final_ref, grads_ref) = got, want
     assert y.dtype == torch.bfloat16 and final.dtype == torch.float32
-    errors = {"y": _relative_error(y, y_ref), "final": _relative_error(final, final_ref),
-              **{f"d{k}": _relative_error(g, grads_ref[k]) for k, g in grads.items()}}
+    errors = {"y": relative_error(y, y_ref), "final": relative_error(final, final_ref),
+              **{f"d{k}": relative_error(g, grads_ref[k]) for k, g in grads.items()}}
     assert max(errors.values()) < 1.5e-2, errors
     fp32 = {k: (v.detach().float().requires_grad_() if v is not None else None) for k, v in t64.items()}
-    with _MatmulDtypes() as seen:
+    with OpTrace() as trace:
         _outputs_and_grads(ssd_scan, fp32, chunk_size=32, cu_seqlens=cu, backend="torch")
-    assert seen.dtypes == {torch.float32}
+    assert trace.tensor_dtypes(*MATMULS) == {torch.float32}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the SSD is checked on the GPU")
@@ -232,6 +216,6 @@ def test_torch_compile_bf16_within_bf16_error():
     (y, final, grads), (y_ref, final_ref, grads_ref) = (
         _outputs_and_grads(ssd_scan, half, chunk_size=32, backend="torch_compile"),
         _outputs_and_grads(ssd_reference, t64))
-    errors = {"y": _relative_error(y.cpu(), y_ref), "final": _relative_error(final.cpu(), final_ref),
-              **{f"d{k}": _relative_error(g.cpu(), grads_ref[k]) for k, g in grads.items()}}
+    errors = {"y": relative_error(y.cpu(), y_ref), "final": relative_error(final.cpu(), final_ref),
+              **{f"d{k}": relative_error(g.cpu(), grads_ref[k]) for k, g in grads.items()}}
     assert max(errors.values()) < 1.5e-2, errors

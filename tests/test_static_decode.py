@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_flash.hf import configuration_nemotron_flash, modeling_nemotron_flash
 from megatron_flash.hf.modeling_nemotron_flash import NemotronFlashForCausalLM, NemotronFlashStaticCache
 from megatron_flash.inference import graph_decode
+from megatron_flash.testing import OpTrace
 from tests.test_hf_modeling import assert_close, prompt, randomize_, ref_deltanet, ref_mamba2, tiny_config
 
 WINDOW = 5
@@ -123,34 +123,6 @@ def test_cache_reuse_after_reset(model):
     graph_decode.greedy_generate(model, prompt(8, seed=26), 5, cache=cache)
     again = graph_decode.greedy_generate(model, ids, 5, cache=cache)
     assert torch.equal(first.tokens, again.tokens)
-
-
-class OpTrace(TorchDispatchMode):
-    """Every aten op run: its name, the shapes/dtypes of its tensor arguments and its other arguments."""
-
-    # Ops that read a tensor's value on the host (or size an output by it): a device synchronization, and a value
-    # frozen into a CUDA graph at capture.
-    HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "item", "unique", "_unique2"}
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-
-        def describe(a):
-            if isinstance(a, torch.Tensor):
-                return ("tensor", tuple(a.shape), a.dtype)
-            if isinstance(a, (list, tuple)):
-                return tuple(describe(x) for x in a)
-            return repr(a)
-
-        self.ops.append((func.__name__, describe(args), describe(sorted(kwargs.items()))))
-        return func(*args, **kwargs)
-
-    def host_reads(self):
-        return [op[0] for op in self.ops if op[0].split(".")[0] in self.HOST_READS]
 
 
 def test_decode_step_is_graph_replayable(model):

@@ -146,7 +146,7 @@ class NemotronFlashModel(LanguageModule):
         return self._mask_vocab_padding(logits).transpose(0, 1).contiguous()
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token loss [b, s]: output layer and vocab-parallel cross-entropy fused over token chunks, so the
+        """Per-token loss [b, s]: output layer and vocab-parallel cross-entropy fused in chunks, so the
         [tokens, vocabulary] logits never exist in full (ops/linear_cross_entropy.py)."""
         seq, batch, width = hidden.shape
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)  # all-reduces its gradient over TP

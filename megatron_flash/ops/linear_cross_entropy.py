@@ -81,20 +81,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n, local_vocab = hidden.shape[0], weight.shape[0]
         real = min(max(vocab_size - vocab_start, 0), local_vocab)  # this rank's rows past it are padding
         # The rows multiplied: the real ones rounded up to a multiple of ALIGN_ROWS (the rounding masked), since
-        # the logits' row length must stay a multiple of 8 elements for cuBLAS' fast kernels
-        span = min(-(-real // ALIGN_ROWS) * ALIGN_ROWS, local_vocab)
+        # the logits' row length must stay a multiple of 8 elements for cuBLAS' fast kernels. At least one block:
+        # a TP rank holding only padding rows then adds -inf logits (nothing) to the softmax, with no special case.
+        span = min(max(-(-real // ALIGN_ROWS), 1) * ALIGN_ROWS, local_vocab)
         local, here = _local_target(labels, vocab_start, real)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        target = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        target = torch.empty(n, dtype=torch.float32, device=hidden.device)
         for s, e in _spans(n, local_vocab, chunk_elements):  # the same spans on every rank: all-reduces pair up
-            if real:
-                logits = hidden[s:e] @ weight[:span].t()
-                target[s:e], peak = _target_and_peak(logits, local[s:e], here[s:e], real)
-            else:  # a TP rank holding only padding rows adds nothing to the softmax
-                peak = torch.full((e - s,), float("-inf"), device=hidden.device)
+            logits = hidden[s:e] @ weight[:span].t()
+            target[s:e], peak = _target_and_peak(logits, local[s:e], here[s:e], real)
             if group is not None:
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-            sum_exp = _sum_exp(logits, peak, real) if real else torch.zeros_like(peak)
+            sum_exp = _sum_exp(logits, peak, real)
             if group is not None:
                 dist.all_reduce(sum_exp, group=group)
             lse[s:e] = sum_exp.log_() + peak

@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_flash.ops import compile as compile_ops
+
 BACKENDS = ("auto", "mamba_ssm", "fla", "torch", "torch_compile")
 
 
@@ -241,12 +243,6 @@ def _ssd_chunks(x, dt, A, Bm, Cm, D, initial_state, chunk_doc, doc_first_chunk, 
     return y.to(mm), final.reshape(b, -1, heads, p, n)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_ssd_chunks():
-    # dynamic=None: the first shape compiles static, a second one recompiles with dynamic sizes once.
-    return torch.compile(_ssd_chunks, fullgraph=True)
-
-
 def _ssd_torch(x, dt, A, Bm, Cm, D, initial_state, output_final_state, cu_seqlens, bounds, chunk_size, compiled):
     batch, length, heads, _ = x.shape
     dtype = _compute_dtype(x, dt, A, Bm, Cm, D, initial_state)
@@ -264,8 +260,7 @@ def _ssd_torch(x, dt, A, Bm, Cm, D, initial_state, output_final_state, cu_seqlen
     init = None
     if initial_state is not None:  # [docs, H, P, N] -> [b, docs, H, P, N]
         init = initial_state.to(dtype).view(batch, -1, *initial_state.shape[1:])
-    # torch.compile(fullgraph=True) refuses to run with dynamo disabled (runtime's CPU support disables it): eager
-    fn = _compiled_ssd_chunks() if compiled and not torch._dynamo.config.disable else _ssd_chunks
+    fn = compile_ops.compiled(_ssd_chunks) if compiled and compile_ops.dynamo_enabled() else _ssd_chunks
     y, final = fn(*inputs[:1], inputs[1], A.to(dtype), *inputs[2:], None if D is None else D.to(dtype), init,
                   layout.chunk_doc, layout.doc_first_chunk, layout.doc_last_chunk, chunk_size)
     y = y[:, :length] if layout.token_slots is None else y.index_select(1, layout.token_slots)
