@@ -26,6 +26,7 @@ from megatron_flash.models.packing import document_boundaries_from_eod
 from megatron_flash.training import arguments, checkpointing
 from megatron_flash.training.loop_utils import (ExitSignal, ProgressLog, StepProfiler, broadcast_from_last_rank,
                                                 is_logging_rank, microbatches, peak_flops_per_second)
+from megatron_flash.training.optimizer_params import use_fused_torch_adam
 from megatron_flash.training.weight_norm import WeightNormalizer, normalize_model_params
 
 
@@ -67,6 +68,7 @@ def build_model_and_optimizer(args, vocab_size: int):
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=spec.config.params_dtype,
         use_distributed_optimizer=args.use_distributed_optimizer), [ddp])
+    use_fused_torch_adam(optimizer)
     normalizer = WeightNormalizer(optimizer, args.weight_norm_embeddings) if args.weight_norm else None
     decay_iters = args.lr_decay_iters or args.train_iters
     scheduler = OptimizerParamScheduler(

@@ -22,7 +22,7 @@ def _loss_and_grads(fn, hidden, weight, labels, grad, vocab_size, **kw):
     return loss.detach(), hidden.grad, weight.grad
 
 
-@pytest.mark.parametrize("chunk_elements", [16 * 37, 33 * 37, None])  # 5, 3 and 1 chunks of tokens and of rows
+@pytest.mark.parametrize("chunk_elements", [16 * 37, 33 * 37, None])  # 5, 3 and 1 chunks of tokens
 def test_matches_full_logits_with_vocab_padding(chunk_elements):
     hidden, weight, grad = _inputs()
     vocab_size = 37  # the last 3 rows are TP padding: never part of the softmax
@@ -30,8 +30,8 @@ def test_matches_full_logits_with_vocab_padding(chunk_elements):
     got = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, grad, vocab_size,
                           chunk_elements=chunk_elements)
     want = _loss_and_grads(linear_cross_entropy_reference, hidden, weight, labels, grad, vocab_size)
-    # fp32 logits of magnitude ~25 carry ~2e-6 of rounding, which a recompute over other matmul blocks can flip:
-    # gradients agree to ~1e-5 absolute (2e-6 of their largest entries)
+    # fp32 logits of magnitude ~25 carry ~2e-6 of rounding, which matmuls over other blocks can flip: gradients
+    # agree to ~1e-5 absolute (2e-6 of their largest entries)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     assert torch.all(got[2][vocab_size:] == 0)
@@ -47,6 +47,16 @@ def test_bf16_close_to_fp32_definition(device):
     want = _loss_and_grads(linear_cross_entropy_reference, hidden.float(), weight.float(), labels, grad, 250)
     for g, w in zip(got, want):
         assert (g.float() - w).norm() / w.norm() < 2e-2
+
+
+def test_without_gradients_keeps_nothing_for_backward():
+    """Evaluation (no_grad) takes the path that keeps no softmax - onehot: same loss."""
+    hidden, weight, _ = _inputs()
+    labels = torch.randint(0, 37, (hidden.shape[0],), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, labels, 37, chunk_elements=16 * 37)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, linear_cross_entropy_reference(hidden, weight, labels, 37), rtol=1e-5, atol=1e-6)
 
 
 def test_rejects_mismatched_shapes():

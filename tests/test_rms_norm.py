@@ -1,11 +1,11 @@
-"""ops.rms_norm: RMSNorm against torch's F.rms_norm and the gated RMSNorm against its formula on strided views, eager
-on the CPU and compiled (fused) on a GPU."""
+"""ops.rms_norm: RMSNorm against torch's F.rms_norm, the gated RMSNorm against its formula on strided views and unit
+rows against F.normalize, eager on the CPU and compiled (fused) on a GPU."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_flash.ops.rms_norm import gated_rms_norm, rms_norm
+from megatron_flash.ops.rms_norm import gated_rms_norm, rms_norm, unit_rows
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels are compiled on GPUs only")
 
@@ -63,6 +63,25 @@ def test_gated_rms_norm_on_strided_views(dtype, tol, group_size):
     _assert_all_close(got, want, **tol)
 
 
+def _unit_rows_case(dtype, device):
+    """unit_rows and F.normalize in fp64 on the same values; one row of zeros (the norm's floor)."""
+    w = _leaf(37, 129, dtype=dtype, seed=10, device=device)
+    with torch.no_grad():
+        w[5] = 0
+    w64 = w.detach().double().requires_grad_()
+    return _value_and_grads(lambda: unit_rows(w), w), [
+        t.to(dtype) for t in _value_and_grads(lambda: F.normalize(w64, dim=1), w64)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, dict(rtol=1e-12, atol=1e-12)),
+                                       (torch.float32, dict(rtol=1e-5, atol=1e-6)),
+                                       (torch.bfloat16, dict(rtol=1.6e-2, atol=1e-2))])
+def test_unit_rows_matches_normalize(dtype, tol):
+    got, want = _unit_rows_case(dtype, "cpu")
+    _assert_all_close(got, want, **tol)
+    assert torch.all(got[0][5] == 0) and torch.allclose(got[0].float().norm(dim=1)[6:], torch.ones(31), atol=1e-2)
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernels_match_the_references_on_gpu(dtype):
@@ -83,4 +102,5 @@ def test_compiled_kernels_match_the_references_on_gpu(dtype):
     got = _value_and_grads(lambda: gated_rms_norm(y.transpose(0, 1), z[..., :9], g, 27, 1e-5), y, z, g)
     want = _value_and_grads(lambda: _gated_formula(y64.transpose(0, 1), z64[..., :9], g64, 27, 1e-5), y64, z64, g64)
     _assert_all_close(got, [t.to(dtype) for t in want], **tol)
-    assert counters["stats"]["unique_graphs"] >= 2  # the compiled path ran
+    _assert_all_close(*_unit_rows_case(dtype, "cuda"), **tol)
+    assert counters["stats"]["unique_graphs"] >= 3  # the compiled path ran

@@ -13,11 +13,13 @@ BASE = ["--mock-data", "--seq-length", "24", "--micro-batch-size", "2", "--globa
 
 
 def _check_step(iteration, model, optimizer, record):
-    """Weight-norm invariants of the full (TP-gathered, DP-assembled) fp32 main params, and whether each
-    low-precision model param equals its rounded main param."""
+    """Weight-norm invariants of the full (TP-gathered, DP-assembled) fp32 main params, whether each
+    low-precision model param equals its rounded main param, and whether Adam ran torch's fused kernel."""
     from megatron_flash.testing import weight_norm_invariants
+    from megatron_flash.training.optimizer_params import leaf_optimizers
 
-    record.append(weight_norm_invariants(optimizer))
+    fused = [group["fused"] for leaf in leaf_optimizers(optimizer) for group in leaf.optimizer.param_groups]
+    record.append({**weight_norm_invariants(optimizer), "fused_adam": bool(fused) and all(fused)})
 
 
 def _train(argv, check=False):
@@ -50,6 +52,10 @@ def test_weight_norm_holds_in_one_process(reference):
     assert all(c["worst_norm_error"] < 1e-5 for c in reference["checks"]), reference["checks"]
 
 
+def test_adam_runs_torch_fused_kernel(reference):
+    assert all(c["fused_adam"] for c in reference["checks"]), reference["checks"]
+
+
 @pytest.mark.parametrize("world,tp,pp,extra", [
     (2, 2, 1, ["--tensor-model-parallel-size", "2"]),
     (2, 1, 2, ["--pipeline-model-parallel-size", "2"]),
@@ -66,7 +72,7 @@ def test_layouts_follow_the_same_loss_trajectory(reference, world, tp, pp, extra
 def test_bf16_distributed_optimizer_keeps_model_params_equal_to_rounded_main_params():
     results = _run(["--train-iters", "3", "--bf16", "--use-distributed-optimizer"], world=2, check=True)
     for r in results:
-        assert all(c["bf16_mismatches"] == 0 for c in r["checks"]), r["checks"]
+        assert all(c["bf16_mismatches"] == 0 and c["fused_adam"] for c in r["checks"]), r["checks"]
         assert all(c["worst_norm_error"] < 1e-5 for c in r["checks"]), r["checks"]
 
 

@@ -42,6 +42,7 @@ from megatron.core.transformer.utils import (
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, mark_weight_norm
 from megatron_flash.ops.delta_rule import delta_rule
+from megatron_flash.ops.rms_norm import rms_norm
 from megatron_flash.ops.short_conv import causal_conv1d, conv_init_
 
 
@@ -129,9 +130,7 @@ class DeltaNetMixer(MegatronModule):
         """RMSNorm over the head dim in fp32 (fla's o_norm), result in o's dtype."""
         # identity forward; backward all-reduces the grad over TP, so every rank gets the sum over all heads
         weight = tensor_parallel.copy_to_tensor_model_parallel_region(self.o_norm_weight, group=self.tp_group)
-        of = o.float()
-        normed = of * torch.rsqrt(of.square().mean(dim=-1, keepdim=True) + self.config.deltanet_norm_eps)
-        return (normed * weight.float()).to(o.dtype)
+        return rms_norm(o, weight, self.config.deltanet_norm_eps)
 
     @staticmethod
     def _cu_seqlens(inputs: Optional[MixerInputs], batch: int) -> Optional[torch.Tensor]:

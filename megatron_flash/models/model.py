@@ -6,7 +6,6 @@ import dataclasses
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -17,6 +16,7 @@ from megatron_flash.layers.base import MixerInputs
 from megatron_flash.models import packing
 from megatron_flash.models.stack import HybridStack
 from megatron_flash.ops.linear_cross_entropy import linear_cross_entropy
+from megatron_flash.ops.rms_norm import unit_rows
 
 # Initialization streams of the non-layer parameters (layers use their index; see NemotronFlashConfig.init_rng).
 EMBEDDING_STREAM, OUTPUT_STREAM = 1_000_000, 1_000_001
@@ -103,7 +103,7 @@ class NemotronFlashModel(LanguageModule):
         """The output layer's weight with unit-L2 vocabulary rows (what the logits use)."""
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights \
             else self.output_layer.weight
-        return F.normalize(weight, dim=1)
+        return unit_rows(weight)
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """Padding rows get -inf logits: the softmax (and so the loss) is exactly that of the real vocabulary."""

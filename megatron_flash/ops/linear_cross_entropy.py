@@ -1,14 +1,15 @@
-"""Output layer and cross-entropy in one op, in chunks, with the vocabulary split over tensor-parallel ranks: the
-[tokens, vocabulary] logits (131072 columns here) are never held in full.
+"""Output layer and cross-entropy in one op, in chunks of tokens, with the vocabulary split over tensor-parallel
+ranks: the fp32 [tokens, vocabulary] logits (131072 columns here) are never held in full.
 
 ``loss[t] = logsumexp_v(h[t] . w[v]) - h[t] . w[label[t]]`` over the real vocabulary: rows of ``weight`` at or
 past ``vocab_size`` (padding for TP) are excluded. ``weight`` is this rank's rows ``[vocab_start, vocab_start +
-V_local)`` of the full matrix. Forward runs over chunks of tokens and keeps only the per-token log-sum-exp.
-Backward recomputes the logits (one extra matmul: the price of not storing them) over chunks of vocabulary rows,
-so that each chunk's weight gradient is one matmul written once (chunks of tokens would add a full [V, h] partial
-per chunk) and only the small [tokens, h] input gradient is accumulated, in fp32. The softmax is fp32 whatever the
-input dtype (matmuls run in the input dtype with fp32 accumulation); on GPUs each chunk's softmax passes are fused
-kernels (ops/compile.py) that read the logits in the matmul's dtype once.
+V_local)`` of the full matrix. Forward runs over chunks of tokens: each chunk's logits give its log-sum-exp and,
+when a gradient is wanted, ``softmax - onehot(label)`` in the input dtype, kept for backward (2 bytes per token and
+vocabulary row on this rank: 4 GiB for 16384 tokens of a 131072 vocabulary in bf16). Backward is then two matmuls,
+with each token's incoming gradient applied to the rows of the input: it recomputes nothing (recomputing the logits
+was a third matmul, 13 ms per 1B step on an H200). The softmax is fp32 whatever the input dtype (matmuls run in the
+input dtype with fp32 accumulation); on GPUs each chunk's softmax passes are fused kernels (ops/compile.py) that read
+the logits in the matmul's dtype once.
 
 Under TP the input must enter through ``copy_to_tensor_model_parallel_region`` (as megatron's ColumnParallelLinear
 does): this op returns each rank's partial input gradient and that region all-reduces it.
@@ -26,17 +27,15 @@ from megatron_flash.ops.compile import compiled_on_cuda
 
 # Each chunk's logits hold about this many elements (512 MiB in bf16).
 CHUNK_ELEMENTS = 2**28
-# Chunk lengths and the rows multiplied are whole multiples of this: a chunk's logits are the leading dimension of
-# the next matmul, and a row length that is not a multiple of 8 elements sends cuBLAS to a slow unaligned kernel
-# (an H200 took 93 ms instead of ~13 ms for the 1B's output layer when 131073 real rows were multiplied).
+# The rows multiplied are a whole multiple of this: the kept gradient's row length must be a multiple of 8 elements,
+# or cuBLAS takes a slow unaligned kernel for the backward matmuls (an H200 took 93 ms instead of ~13 ms for the
+# 1B's output layer when 131073 real rows were multiplied).
 ALIGN_ROWS = 128
 
 
 def _spans(length: int, other: int, chunk_elements: int | None):
-    """[start, end) spans of ``length`` such that span x ``other`` holds at most ``chunk_elements`` elements;
-    spans of ALIGN_ROWS or more are whole multiples of it."""
+    """[start, end) spans of ``length`` such that span x ``other`` holds at most ``chunk_elements`` elements."""
     size = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(other, 1))
-    size -= size % ALIGN_ROWS if size >= ALIGN_ROWS else 0
     return [(s, min(s + size, length)) for s in range(0, length, size)]
 
 
@@ -66,13 +65,12 @@ def _sum_exp(logits, peak, valid: int):
 
 
 @compiled_on_cuda
-def _grad_logits(logits, lse, column_of_label, here, grad_loss, valid: int):
-    """d loss / d logits = (softmax - onehot(label)) * each token's incoming gradient, in the logits' dtype.
-    ``column_of_label``: the label's column in this chunk of the vocabulary (outside it: no column matches)."""
+def _grad_logits(logits, lse, local, here, valid: int):
+    """d loss / d logits = softmax - onehot(label), in the logits' dtype (zero in the padding columns)."""
     columns = torch.arange(logits.shape[1], device=logits.device)
-    onehot = (columns[None, :] == column_of_label[:, None]) & here[:, None]
+    onehot = (columns[None, :] == local[:, None]) & here[:, None]
     probs = (_real_logits(logits, valid) - lse[:, None]).exp()
-    return ((probs - onehot.float()) * grad_loss[:, None]).to(logits.dtype)
+    return (probs - onehot.float()).to(logits.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -87,6 +85,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         local, here = _local_target(labels, vocab_start, real)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         target = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_logits = torch.empty(n, span, dtype=hidden.dtype, device=hidden.device) if needs_grad else None
         for s, e in _spans(n, local_vocab, chunk_elements):  # the same spans on every rank: all-reduces pair up
             logits = hidden[s:e] @ weight[:span].t()
             target[s:e], peak = _target_and_peak(logits, local[s:e], here[s:e], real)
@@ -96,24 +96,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if group is not None:
                 dist.all_reduce(sum_exp, group=group)
             lse[s:e] = sum_exp.log_() + peak
+            if needs_grad:
+                grad_logits[s:e] = _grad_logits(logits, lse[s:e], local[s:e], here[s:e], real)
         if group is not None:
             dist.all_reduce(target, group=group)
-        ctx.save_for_backward(hidden, weight, local, here, lse)
-        ctx.real, ctx.span, ctx.chunk_elements = real, span, chunk_elements
+        ctx.save_for_backward(hidden, weight, grad_logits)
         return lse - target
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, local, here, lse = ctx.saved_tensors
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros_like(weight)  # padding rows keep a zero gradient
-        grad_loss = grad_loss.float()
-        for r0, r1 in _spans(ctx.span, hidden.shape[0], ctx.chunk_elements):
-            grad_logits = _grad_logits(hidden @ weight[r0:r1].t(), lse, local - r0, here, grad_loss,
-                                       max(min(ctx.real, r1) - r0, 0))
-            grad_weight[r0:r1] = grad_logits.t() @ hidden
-            grad_hidden += grad_logits @ weight[r0:r1]  # one fused widening add
-        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None
+        hidden, weight, grad_logits = ctx.saved_tensors
+        span = grad_logits.shape[1]
+        scale = grad_loss.float()[:, None]
+        # Each token's incoming gradient scales a row of grad_logits: applied to the [tokens, h] side of each matmul.
+        grad_hidden = ((grad_logits @ weight[:span]).float() * scale).to(hidden.dtype)
+        grad_weight = torch.zeros_like(weight)  # padding rows past the span keep a zero gradient
+        torch.mm(grad_logits.t(), (hidden.float() * scale).to(hidden.dtype), out=grad_weight[:span])
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,

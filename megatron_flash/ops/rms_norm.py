@@ -1,10 +1,12 @@
-"""RMSNorm and Mamba2's gated RMSNorm, computed in fp32 whatever the input dtype, fused on GPUs (ops/compile.py).
+"""RMSNorm, Mamba2's gated RMSNorm and unit-L2 rows, computed in fp32 whatever the input dtype, fused on GPUs
+(ops/compile.py).
 
 ``rms_norm(x, w) = x * rsqrt(mean(x^2) + eps) * w`` over the last dimension;
 ``gated_rms_norm(y, z, w) = rms_norm(y * silu(z)) * w`` with y, z [..., heads, head_dim] (any strides: the fused
 kernel reads views in place) flattened to [..., heads * head_dim] and normalized over groups of ``group_size`` of
 those channels (mamba_ssm's ``RMSNormGated`` with ``norm_before_gate=False``). Results are in x's (y's) dtype;
-fp64 stays fp64.
+fp64 stays fp64. ``unit_rows(w) = w / max(||w||_row, 1e-12)`` (``F.normalize(w, dim=1)``), the output layer's
+weight: eager, its backward is 6 passes over the 131072 x h matrix; fused, one each way.
 """
 
 from __future__ import annotations
@@ -32,3 +34,9 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     grouped = gated.unflatten(-1, (-1, group_size))
     normed = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + eps)
     return (normed.flatten(-2) * _wide(weight)).to(y.dtype)
+
+
+@compiled_on_cuda
+def unit_rows(weight: torch.Tensor) -> torch.Tensor:
+    wide = _wide(weight)
+    return (wide / torch.linalg.vector_norm(wide, dim=1, keepdim=True).clamp_min(1e-12)).to(weight.dtype)

@@ -128,7 +128,7 @@ def _restore_optimizer(optimizer, loaded: dict, model_sharded_sd, step: int) -> 
             piece = full if start is None else full[start:start + main_param.numel()]
             target = main_param if name == "param" else state.setdefault(name, torch.zeros_like(main_param))
             target.copy_(piece.view(target.shape))
-        state["step"] = torch.tensor(float(step))
+        state["step"] = torch.tensor(float(step), device=main_param.device)  # fused Adam's place for it
     # Model params must agree with the restored fp32 main params (bf16: their rounding).
     for leaf in leaf_optimizers(optimizer):
         if hasattr(leaf, "_copy_main_params_to_model_params"):

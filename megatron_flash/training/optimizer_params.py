@@ -1,4 +1,4 @@
-"""Which fp32 main parameter a megatron optimizer updates for each model parameter.
+"""Which fp32 main parameter a megatron optimizer updates for each model parameter, and the Adam kernel it runs.
 
 megatron keeps that mapping in different attributes per optimizer class; weight normalization and checkpointing
 both need it, so it is read here once.
@@ -6,6 +6,7 @@ both need it, so it is read here once.
 
 from __future__ import annotations
 
+import torch
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import ChainedOptimizer, Float16OptimizerWithFloat16Params, FP32Optimizer
 
@@ -36,3 +37,18 @@ def main_params(opt):
     if isinstance(opt, FP32Optimizer):
         return [(p, p, None) for g in opt.optimizer.param_groups for p in g["params"]]
     raise TypeError(f"unsupported megatron optimizer type {type(opt).__name__}")
+
+
+def use_fused_torch_adam(optimizer) -> None:
+    """Run torch's fused Adam kernel where megatron fell back to torch's Adam (no TE or Apex installed).
+
+    megatron builds ``torch.optim.Adam(W)`` with the default ``foreach`` implementation: ~10 multi-tensor passes
+    per step (19 ms per 1B step on an H200) where the fused kernel makes one. The fused kernel wants each state
+    ``step`` on its parameter's device; torch creates it there, and checkpointing restores it there.
+    """
+    for leaf in leaf_optimizers(optimizer):
+        inner = getattr(leaf, "optimizer", None)
+        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue  # TE's or Apex's FusedAdam, or no local params
+        for group in inner.param_groups:
+            group["foreach"], group["fused"] = False, True

@@ -1,0 +1,97 @@
+"""ops.short_conv: both backends against the loop in causal_conv1d_reference, values and gradients, on awkward sizes:
+packed documents shorter than the kernel, states; fla's kernel on a GPU."""
+
+import pytest
+import torch
+
+from megatron_flash.ops.short_conv import causal_conv1d, causal_conv1d_reference
+
+K = 4
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's kernel runs on GPUs only")
+
+
+def _tensors(batch, length, channels, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, channels, generator=gen)
+    weight = torch.randn(channels, K, generator=gen) / K
+    bias = torch.randn(channels, generator=gen)
+    return [t.to(device, dtype).requires_grad_() for t in (x, weight, bias)]
+
+
+def _value_and_grads(fn, leaves):
+    for t in leaves:
+        t.grad = None
+    y = fn()
+    # bf16 values: every dtype holds them exactly, so each side gets the same cotangent
+    cotangent = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).bfloat16().to(y)
+    (y.double() * cotangent.double()).sum().backward()
+    return [y.detach()] + [t.grad.clone() for t in leaves]
+
+
+def _compare(dtype, tol, backend="torch", device="cpu", bias=True, activation="silu", cu_seqlens=None, batch=2,
+             length=37, channels=13):
+    """Output and gradients of ``backend`` against the reference in fp64 on the same values: elementwise within
+    ``tol`` (a dict for assert_close), or, for a float, within ``tol`` of relative error ||a - b|| / ||b||."""
+    x, w, b = _tensors(batch, length, channels, dtype, device)
+    b = b if bias else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    got = _value_and_grads(lambda: causal_conv1d(x, w, b, activation, cu_seqlens=cu_seqlens, backend=backend)[0],
+                           leaves)
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    x64, w64, b64 = wide[0], wide[1], (wide[2] if bias else None)
+    want = _value_and_grads(lambda: causal_conv1d_reference(x64, w64, b64, activation, cu_seqlens=cu_seqlens),
+                            wide)
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == dtype and g.shape == r.shape
+        if isinstance(tol, dict):
+            torch.testing.assert_close(g.double(), r, **tol)
+        else:
+            assert (g.double() - r).norm() / r.norm() < tol
+
+
+FP64 = dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bias,activation", [(True, "silu"), (False, None)])
+def test_torch_backend_matches_the_reference(bias, activation):
+    _compare(torch.float64, FP64, bias=bias, activation=activation)
+
+
+def test_packed_documents_restart_from_zero():
+    # documents of 5, 1, 2 (both shorter than the kernel), 15 and 17 tokens
+    _compare(torch.float64, FP64, cu_seqlens=torch.tensor([0, 5, 6, 8, 23, 40]), batch=1, length=40)
+
+
+def test_bf16_close_to_fp64():
+    _compare(torch.bfloat16, 1e-2, length=129, channels=48)
+
+
+def test_torch_backend_carries_states():
+    """Two halves with the state handed over equal the whole; the final state is the last K inputs."""
+    x, w, b = (t.detach() for t in _tensors(2, 30, 6, torch.float64))
+    whole = causal_conv1d_reference(x, w, b, "silu")
+    first, state = causal_conv1d(x[:, :11], w, b, "silu", output_final_state=True, backend="torch")
+    second, final = causal_conv1d(x[:, 11:], w, b, "silu", initial_state=state, output_final_state=True,
+                                  backend="torch")
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, **FP64)
+    torch.testing.assert_close(final, x[:, -K:].transpose(1, 2))
+
+
+def test_bad_arguments_are_clear_errors():
+    x, w, _ = (t.detach() for t in _tensors(2, 9, 4, torch.float32))
+    with pytest.raises(ValueError, match="batch size 1"):
+        causal_conv1d(x, w, cu_seqlens=torch.tensor([0, 9]), backend="torch")
+    with pytest.raises(ValueError, match="must rise from 0"):
+        causal_conv1d(x[:1], w, cu_seqlens=torch.tensor([0, 5, 3, 9]), backend="torch")
+    with pytest.raises(ValueError, match="activation"):
+        causal_conv1d(x, w, activation="gelu", backend="torch")
+    with pytest.raises(ValueError, match="unknown short-conv backend"):
+        causal_conv1d(x, w, backend="cudnn")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(rtol=1e-4, atol=1e-4)), (torch.bfloat16, 1e-2)])
+def test_fla_kernel_matches_the_reference(dtype, tol):
+    _compare(dtype, tol, backend="fla", device="cuda", length=300, channels=96)
+    _compare(dtype, tol, backend="fla", device="cuda", batch=1, length=300, channels=96,
+             cu_seqlens=torch.tensor([0, 3, 100, 101, 300], device="cuda"))
