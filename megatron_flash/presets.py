@@ -38,6 +38,11 @@ def get_preset(name: str) -> dict:
     return dict(PRESETS[name])
 
 
+def preset_fields(preset: str | dict) -> dict:
+    """A copy of a preset's fields, given its name or (``--preset-file``) the fields themselves."""
+    return dict(preset) if isinstance(preset, dict) else get_preset(preset)
+
+
 # Fields of a model shape that are not config fields: models.builder.resolve hands them to the model.
 MODEL_FIELDS = ("vocab_size", "tie_embeddings")
 # Fields every model shape states (the rest default as in megatron_flash.config.NemotronFlashConfig).

@@ -218,6 +218,9 @@ def test_preset_file_loads_fields_and_its_errors_name_the_file_and_field(tmp_pat
     assert arguments.model_name(args) == str(good)
     assert arguments.model_preset(_parse(flags + ["--preset", "nemotron_flash_1b"])) == "nemotron_flash_1b"
     assert arguments.model_preset(_parse(flags)) == "tiny"
+    # a checkpoint's recorded args (a dict), and an older one's that recorded no preset_fields
+    assert arguments.model_preset(vars(args)) == {**fields, "hidden_size": 96}
+    assert arguments.model_preset({"preset": "tiny"}) == "tiny"
 
     cases = {
         "absent.json": (None, "cannot read it"),

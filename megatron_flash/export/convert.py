@@ -26,6 +26,7 @@ import torch
 from megatron_flash import patterns, presets, runtime
 from megatron_flash.export.hf_mapping import (CONFIG_FIELDS, INFORMATIVE_CONFIG_FIELDS, ConversionError, Dims,
                                               hf_to_megatron, megatron_to_hf)
+from megatron_flash.training.arguments import model_preset
 
 HF_CODE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf")
 MODELING_FILES = ("configuration_nemotron_flash.py", "modeling_nemotron_flash.py")
@@ -139,12 +140,6 @@ def read_checkpoint(root: str, iteration: Optional[int] = None) -> CheckpointInf
     return CheckpointInfo(root, iteration, path, common, shapes)
 
 
-def recorded_preset(args: dict):
-    """The preset of a checkpoint's recorded trainer args, as models.builder.resolve takes it: the fields of a
-    --preset-file run (recorded with the args), else the preset's name."""
-    return args["preset_fields"] if args.get("preset_fields") else args["preset"]
-
-
 def model_overrides(args: dict) -> dict:
     """The fields of the trainer's args that define the model beyond preset and pattern
     (as megatron_flash.pretrain.build_model_and_optimizer passes them)."""
@@ -165,9 +160,7 @@ def trained_vocab_size(info: CheckpointInfo) -> int:
     args = info.args
     try:
         if args.get("mock_data"):
-            preset = recorded_preset(args)
-            vocab = args.get("vocab_size") or (preset if isinstance(preset, dict) else
-                                               presets.get_preset(preset))["vocab_size"]
+            vocab = args.get("vocab_size") or presets.preset_fields(model_preset(args))["vocab_size"]
             return build_tokenizer("NullTokenizer", vocab_size=vocab).vocab_size
         return build_tokenizer(args.get("tokenizer_type"), args.get("tokenizer_model")).vocab_size
     except Exception as exc:  # noqa: BLE001 - explain where the vocabulary comes from
@@ -197,7 +190,7 @@ def load_megatron_tensors(info: CheckpointInfo, vocab_size: int):
     args = info.args
     with megatron_process():
         try:
-            spec, model = build_megatron_model(recorded_preset(args), args.get("pattern"), model_overrides(args),
+            spec, model = build_megatron_model(model_preset(args), args.get("pattern"), model_overrides(args),
                                                vocab_size, not args.get("untie_embeddings", False),
                                                args.get("seq_length") or 4096)
         except (ValueError, KeyError) as exc:

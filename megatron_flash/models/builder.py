@@ -27,7 +27,7 @@ def resolve(preset: str | dict = "tiny", pattern: str | None = None, **overrides
 
     Parallel sizes are taken from parallel_state when it is initialized, unless given.
     """
-    fields = dict(preset) if isinstance(preset, dict) else presets.get_preset(preset)
+    fields = presets.preset_fields(preset)
     if pattern is not None:
         fields["layer_pattern"] = pattern
     fields.update(overrides)

@@ -157,10 +157,13 @@ def parse_args(argv=None, world_size: int = 1) -> argparse.Namespace:
     return args
 
 
-def model_preset(args: argparse.Namespace):
+def model_preset(args: argparse.Namespace | dict):
     """What models.builder.resolve takes as the preset: the fields of --preset-file, else the --preset name.
-    (The fields are kept in the args, so a checkpoint's recorded args rebuild the model without the file.)"""
-    return args.preset_fields if args.preset_fields is not None else args.preset
+    (The fields are kept in the args, so a checkpoint's recorded args, a dict, rebuild the model without the file;
+    older checkpoints recorded no preset_fields.)"""
+    recorded = args if isinstance(args, dict) else vars(args)
+    fields = recorded.get("preset_fields")
+    return fields if fields is not None else recorded["preset"]
 
 
 def model_name(args: argparse.Namespace) -> str:
