@@ -25,6 +25,11 @@ DIR/gpu_decode.log):
   the device), ``--new-tokens`` tokens; (b) ``model.generate(..., cache_implementation="static")`` over
   ``--qwen-generate-tokens`` tokens (transformers' automatic torch.compile off unless ``--qwen-generate-compile``).
 * ``summary``: ms/token against the paper and the targets, the 1B / Qwen3-0.6B speedups.
+* ``compiled_{1b,3b}`` (opt-in): decode_{size} with the one-token forward compiled by torch.compile first.
+* ``profile_{1b,3b}`` (opt-in): what that compiled step runs, kernel by kernel: ``--profile-steps`` steps without
+  the CUDA graph under torch.profiler, after a warm-up that compiles it; device time per step by kernel, the number
+  of kernels per step and their summed time (compare with compiled_{size}'s ms/token: the rest is what the graph
+  still spends between kernels).
 
 ``--smoke`` runs everything on the CPU at toy sizes (the tiny preset, tiny Qwen3 shapes, CUDA graphs off).
 
@@ -82,7 +87,7 @@ SMOKE_QWEN3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 DEFAULT_SECTIONS = ("export_1b", "decode_1b", "throughput_1b", "export_3b", "decode_3b", "throughput_3b",
                     "qwen3_0.6b", "qwen3_1.7b", "summary")
 # Opt-in: the decode step compiled by torch.compile (Inductor) before the capture; compilation takes ~1-2 min.
-ALL_SECTIONS = DEFAULT_SECTIONS[:-1] + ("compiled_1b", "compiled_3b", "summary")
+ALL_SECTIONS = DEFAULT_SECTIONS[:-1] + ("compiled_1b", "compiled_3b", "profile_1b", "profile_3b", "summary")
 # --smoke: the tiny preset; as "3b" with sliding-window attention (window 6) besides full attention.
 SMOKE_MODELS = {"1b": ("tiny", None, None), "3b": ("tiny", "DFMFSFAF", 6)}
 
@@ -322,6 +327,43 @@ def nemotron_compiled(model, size: str, args, rec: Recorder) -> dict:
 
 
 @torch.no_grad()
+def nemotron_profile(model, size: str, args, rec: Recorder) -> dict:
+    """The compiled one-token step's kernels (see the module docstring, ``profile_{size}``)."""
+    from megatron_flash.inference import graph_decode
+    from megatron_flash.training.loop_utils import kernel_table
+
+    steps = args.profile_steps
+    prompt = random_prompt(1, args.prompt_tokens, model.config.vocab_size, seed=1)
+    cache = model.make_static_cache(1, args.prompt_tokens + args.warmup_steps + steps + 2)
+    first = graph_decode.prefill(model, prompt, cache).argmax(-1, keepdim=True)
+    dynamo_was_disabled = torch._dynamo.config.disable  # as in nemotron_compiled
+    torch._dynamo.config.disable = False
+    try:
+        warm = graph_decode.decode(model, cache, first, args.warmup_steps + 1, use_cuda_graph=False,
+                                   compile_step=True)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        # The profiled call must reuse the warm-up's compiled step (else compilation is in the table): a
+        # recompile fails the section. Its first token gets the strides of the warm-up's, which dynamo guards.
+        last = warm.tokens[:, -1:].clone(memory_format=torch.contiguous_format)
+        with torch._dynamo.config.patch(error_on_recompile=True), \
+                torch.profiler.profile(activities=activities) as profiler:
+            graph_decode.decode(model, cache, last, steps + 1, use_cuda_graph=False, compile_step=True)
+            synchronize()
+    finally:
+        torch._dynamo.config.disable = dynamo_was_disabled
+    kernels = kernel_table(profiler, steps)
+    out = {"batch": 1, "profiled_steps": steps, "context_tokens": args.prompt_tokens + args.warmup_steps + 1,
+           "unit": "device" if torch.cuda.is_available() else "cpu (operators)",
+           "kernel_ms_per_step": sum(row["ms_per_iter"] for row in kernels),
+           "kernels_per_step": sum(row["calls_per_iter"] for row in kernels),
+           "kernels": kernels[:30]}
+    rec.log(f"{size}: {out['kernels_per_step']:.0f} kernels, {out['kernel_ms_per_step']:.3f} ms per step")
+    return out
+
+
+@torch.no_grad()
 def nemotron_throughput(model, size: str, args, rec: Recorder) -> dict:
     from megatron_flash.inference import graph_decode
 
@@ -542,7 +584,7 @@ def summary(results: dict) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS), help="comma-separated, from: " + ", ".join(
-        ALL_SECTIONS) + " (compiled_* are not in the default list)")
+        ALL_SECTIONS) + " (compiled_* and profile_* are not in the default list)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="results folder (default $OUT)")
     p.add_argument("--smoke", action="store_true", help="everything on the CPU at toy sizes")
     p.add_argument("--new-tokens", type=int, default=8192, help="tokens generated at batch 1")
@@ -553,6 +595,7 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1024,768,512,384,256,192,128,96,64,48,32,16,8,4,2,1",
                    help="throughput batch sizes, tried from the first (largest) until one fits")
     p.add_argument("--warmup-steps", type=int, default=2, help="eager decode steps before the capture")
+    p.add_argument("--profile-steps", type=int, default=64, help="decode steps profiled in profile_{1b,3b}")
     p.add_argument("--export-route", choices=("checkpoint", "direct"), default="checkpoint",
                    help="checkpoint: save a Megatron checkpoint and run export_to_hf on it; direct: convert the "
                         "in-memory model with the same mapping and writers (no checkpoint round trip)")
@@ -575,6 +618,7 @@ def parse_args(argv=None):
         args.new_tokens, args.prompt_tokens, args.check_tokens = 12, 9, 6
         args.long_prompt, args.throughput_tokens, args.qwen_generate_tokens = 40, 5, 4
         args.batches = [4, 2, 1]
+        args.profile_steps = 3
     if args.new_tokens < 2 or args.check_tokens < 2 or args.throughput_tokens < 2:
         p.error("--new-tokens, --check-tokens and --throughput-tokens must be >= 2")
     return args
@@ -643,12 +687,13 @@ def run(args) -> int:
                 models.pop(size, None)
                 free_memory()
                 models[size], value = export_and_load(size, args, rec)
-            elif section.startswith(("decode_", "throughput_", "compiled_")):
+            elif section.startswith(("decode_", "throughput_", "compiled_", "profile_")):
                 kind, size = section.split("_")
                 if size not in models:
                     raise RuntimeError(f"no {size} model: run export_{size} in the same call (it failed or was "
                                        "not selected)")
-                run = {"decode": nemotron_decode, "throughput": nemotron_throughput, "compiled": nemotron_compiled}
+                run = {"decode": nemotron_decode, "throughput": nemotron_throughput, "compiled": nemotron_compiled,
+                       "profile": nemotron_profile}
                 value = run[kind](models[size], size, args, rec)
             else:
                 value = qwen3_section(section, args, rec)

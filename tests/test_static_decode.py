@@ -211,3 +211,26 @@ def test_benchmark_qwen3_baseline_decodes_like_generate(tmp_path):
     assert result["graph"]["check"] == {"graph_equals_eager": True, "leading_tokens_equal_to_generate": 6}
     assert result["generate"]["new_tokens"] == args.qwen_generate_tokens
     assert result["graph"]["ms_per_token"] > 0 and result["generate"]["ms_per_token"] > 0
+
+
+def test_benchmark_profile_section_tables_the_compiled_step(tmp_path, monkeypatch):
+    """benchmarks/gpu_decode.py's profile_1b at toy size on the CPU: the exported model's compiled one-token step,
+    profiled after its warm-up without compiling again (a recompile fails the section); a table of what it runs,
+    most time first, with no compilation in it."""
+    import json
+
+    from tests.tool_loading import load_script
+
+    for name, value in (("NEMOTRON_FLASH_DISABLE_FLA", "1"), ("HF_MODULES_CACHE", str(tmp_path / "modules"))):
+        monkeypatch.setenv(name, value)  # what main() would set for the whole process
+    bench = load_script("benchmarks", "gpu_decode")
+    out = tmp_path / "out"
+    assert bench.main(["--smoke", "--export-route", "direct", "--sections", "export_1b,profile_1b",
+                       "--out", str(out)]) == 0
+    result = json.loads((out / "gpu_decode.json").read_text())["profile_1b"]
+    assert result["ok"], result.get("traceback")
+    assert result["profiled_steps"] == 3
+    assert result["kernels_per_step"] > 0 and result["kernel_ms_per_step"] > 0
+    times = [row["ms_per_iter"] for row in result["kernels"]]
+    assert times == sorted(times, reverse=True) and 0 < sum(times) <= result["kernel_ms_per_step"] + 1e-9
+    assert not any("dynamo_timed" in row["name"] for row in result["kernels"]), result["kernels"]  # compile-time work

@@ -134,6 +134,21 @@ class ProgressLog:
             self.writer.close()
 
 
+def kernel_table(profiler, steps: int) -> list[dict]:
+    """Rows ``name, ms_per_iter, share, calls_per_iter`` of a finished torch.profiler run over ``steps``
+    iterations, most time first: on a GPU the kernels (operators would count their kernels twice), else the CPU
+    operators (self time); HybridLayer's named ranges left out."""
+    unit = "device" if torch.cuda.is_available() else "cpu"
+    kind = torch.autograd.DeviceType.CUDA if unit == "device" else torch.autograd.DeviceType.CPU
+    kernels = [e for e in profiler.key_averages() if e.device_type == kind
+               and getattr(e, f"self_{unit}_time_total") > 0 and not e.key.startswith(LAYER_RANGE_PREFIX)]
+    kernels.sort(key=lambda e: getattr(e, f"self_{unit}_time_total"), reverse=True)
+    total = sum(getattr(e, f"self_{unit}_time_total") for e in kernels) or 1.0
+    return [{"name": e.key[:120], "ms_per_iter": getattr(e, f"self_{unit}_time_total") / 1000 / steps,
+             "share": getattr(e, f"self_{unit}_time_total") / total, "calls_per_iter": e.count / steps}
+            for e in kernels]
+
+
 class StepProfiler:
     """torch.profiler over iterations [start, end) on the chosen ranks (Megatron's --profile flags).
 
@@ -167,19 +182,11 @@ class StepProfiler:
         os.makedirs(self.folder, exist_ok=True)
         rank = dist.get_rank()
         self.profiler.export_chrome_trace(os.path.join(self.folder, f"trace_rank{rank}.json"))
-        on_device = torch.cuda.is_available()
-        unit = "device" if on_device else "cpu"
+        unit = "device" if torch.cuda.is_available() else "cpu"
         steps = self.end - self.start
-        # on a GPU the kernels themselves (operators would count their kernels twice), else the CPU operators
-        kind = torch.autograd.DeviceType.CUDA if on_device else torch.autograd.DeviceType.CPU
-        kernels = [e for e in self.profiler.key_averages() if e.device_type == kind
-                   and getattr(e, f"self_{unit}_time_total") > 0 and not e.key.startswith(LAYER_RANGE_PREFIX)]
-        kernels.sort(key=lambda e: getattr(e, f"self_{unit}_time_total"), reverse=True)
-        total = sum(getattr(e, f"self_{unit}_time_total") for e in kernels) or 1.0
-        self.table = {"kernels": [
-            {"name": e.key[:120], "ms_per_iter": getattr(e, f"self_{unit}_time_total") / 1000 / steps,
-             "share": getattr(e, f"self_{unit}_time_total") / total, "calls_per_iter": e.count / steps}
-            for e in kernels[:40]]}
+        kernels = kernel_table(self.profiler, steps)
+        self.table = {"kernels": kernels[:40]}
+        total = sum(row["ms_per_iter"] for row in kernels) * 1000 * steps or 1.0  # us, as the ranges below
         # forward time by layer type: HybridLayer's named ranges, with the kernels they launched (inclusive)
         by_layer: dict[str, list] = {}
         for e in self.profiler.events():
