@@ -49,14 +49,29 @@ def test_bf16_close_to_fp32_definition(device):
         assert (g.float() - w).norm() / w.norm() < 2e-2
 
 
-def test_without_gradients_keeps_nothing_for_backward():
-    """Evaluation (no_grad) takes the path that keeps no softmax - onehot: same loss."""
+def test_softmax_minus_onehot_is_kept_only_when_a_gradient_is_wanted():
+    """Forward keeps a [tokens, rows] softmax - onehot for backward when a gradient is wanted, and under no_grad
+    (evaluation) allocates none, with the same loss. Chunks of 14 tokens: only that kept tensor is [70, 40]."""
+    from megatron_flash.testing import OpTrace
+
     hidden, weight, _ = _inputs()
     labels = torch.randint(0, 37, (hidden.shape[0],), generator=torch.Generator().manual_seed(3))
+    want = linear_cross_entropy_reference(hidden, weight, labels, 37)
+    kept_shape = (hidden.shape[0], weight.shape[0])
+
+    def run(leaf):
+        with OpTrace() as trace:
+            loss = linear_cross_entropy(leaf, weight, labels, 37, chunk_elements=16 * 37)
+        shapes = {a[1] for _, args, _ in trace.ops for a in args if isinstance(a, tuple) and a[:1] == ("tensor",)}
+        return loss, kept_shape in shapes
+
     with torch.no_grad():
-        loss = linear_cross_entropy(hidden, weight, labels, 37, chunk_elements=16 * 37)
-    assert loss.grad_fn is None
-    torch.testing.assert_close(loss, linear_cross_entropy_reference(hidden, weight, labels, 37), rtol=1e-5, atol=1e-6)
+        loss, kept = run(hidden.clone().requires_grad_())
+    assert loss.grad_fn is None and not kept
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    loss, kept = run(hidden.clone().requires_grad_())
+    assert loss.grad_fn is not None and kept
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_rejects_mismatched_shapes():

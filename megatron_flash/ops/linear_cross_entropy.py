@@ -75,7 +75,7 @@ def _grad_logits(logits, lse, local, here, valid: int):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, vocab_start, vocab_size, group, chunk_elements):
+    def forward(ctx, hidden, weight, labels, vocab_start, vocab_size, group, chunk_elements, needs_grad):
         n, local_vocab = hidden.shape[0], weight.shape[0]
         real = min(max(vocab_size - vocab_start, 0), local_vocab)  # this rank's rows past it are padding
         # The rows multiplied: the real ones rounded up to a multiple of ALIGN_ROWS (the rounding masked), since
@@ -85,7 +85,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         local, here = _local_target(labels, vocab_start, real)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         target = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_logits = torch.empty(n, span, dtype=hidden.dtype, device=hidden.device) if needs_grad else None
         for s, e in _spans(n, local_vocab, chunk_elements):  # the same spans on every rank: all-reduces pair up
             logits = hidden[s:e] @ weight[:span].t()
@@ -110,9 +109,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss.float()[:, None]
         # Each token's incoming gradient scales a row of grad_logits: applied to the [tokens, h] side of each matmul.
         grad_hidden = ((grad_logits @ weight[:span]).float() * scale).to(hidden.dtype)
-        grad_weight = torch.zeros_like(weight)  # padding rows past the span keep a zero gradient
+        grad_weight = torch.empty_like(weight)
         torch.mm(grad_logits.t(), (hidden.float() * scale).to(hidden.dtype), out=grad_weight[:span])
-        return grad_hidden, grad_weight, None, None, None, None, None
+        grad_weight[span:].zero_()  # padding rows past the span
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
@@ -121,7 +121,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
     ``weight`` [V_local, h] holds vocabulary rows ``vocab_start ..``; ``group`` is the tensor-parallel group the
     vocabulary is split over (None: one rank); ``vocab_size`` is the real vocabulary (later rows are padding);
-    ``chunk_elements``: logits per chunk (default ``CHUNK_ELEMENTS``).
+    ``chunk_elements``: logits per chunk of tokens (default ``CHUNK_ELEMENTS``).
     """
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [N, h] and labels [N]; got {tuple(hidden.shape)} and "
@@ -130,7 +130,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden.shape[1]}")
     if group is not None and dist.get_world_size(group) == 1:
         group = None
-    return _LinearCrossEntropy.apply(hidden, weight, labels, vocab_start, vocab_size, group, chunk_elements)
+    # Decided here: inside forward grad mode is always off, and ctx.needs_input_grad is true under no_grad too
+    # (evaluation of parameters that require grad), where keeping softmax - onehot would waste its memory.
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, vocab_start, vocab_size, group, chunk_elements,
+                                     needs_grad)
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
