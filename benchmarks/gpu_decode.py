@@ -29,7 +29,7 @@ DIR/gpu_decode.log):
 * ``profile_{1b,3b}`` (opt-in): what that compiled step runs, kernel by kernel: ``--profile-steps`` steps without
   the CUDA graph under torch.profiler, after a warm-up that compiles it; device time per step by kernel, the number
   of kernels per step and their summed time (compare with compiled_{size}'s ms/token: the rest is what the graph
-  still spends between kernels).
+  still spends between kernels). The cache is as large as the timed generation's (the attention reads all of it).
 
 ``--smoke`` runs everything on the CPU at toy sizes (the tiny preset, tiny Qwen3 shapes, CUDA graphs off).
 
@@ -334,7 +334,9 @@ def nemotron_profile(model, size: str, args, rec: Recorder) -> dict:
 
     steps = args.profile_steps
     prompt = random_prompt(1, args.prompt_tokens, model.config.vocab_size, seed=1)
-    cache = model.make_static_cache(1, args.prompt_tokens + args.warmup_steps + steps + 2)
+    # As large as the timed generation's cache: the attention step reads the whole static buffer every token.
+    cache = model.make_static_cache(1, max(args.prompt_tokens + args.new_tokens,
+                                           args.prompt_tokens + args.warmup_steps + steps + 2))
     first = graph_decode.prefill(model, prompt, cache).argmax(-1, keepdim=True)
     dynamo_was_disabled = torch._dynamo.config.disable  # as in nemotron_compiled
     torch._dynamo.config.disable = False

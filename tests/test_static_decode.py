@@ -234,3 +234,65 @@ def test_benchmark_profile_section_tables_the_compiled_step(tmp_path, monkeypatc
     times = [row["ms_per_iter"] for row in result["kernels"]]
     assert times == sorted(times, reverse=True) and 0 < sum(times) <= result["kernel_ms_per_step"] + 1e-9
     assert not any("dynamo_timed" in row["name"] for row in result["kernels"]), result["kernels"]  # compile-time work
+
+
+def packable_modules(model):
+    return [m for m in model.modules() if isinstance(m, modeling_nemotron_flash.PackableInputProjections)]
+
+
+def test_packed_projections_keep_values_state_dict_and_memory(model, tmp_path):
+    """pack_projections: each module's input projections become row blocks of one tensor (views, no copy kept),
+    computed by one matmul, with the same logits and the same state dict; save/reload gives the same weights."""
+    # Fresh copies: the driver (graph_decode.decode) packs the model it decodes, as the tests above did.
+    packed, unpacked = (NemotronFlashForCausalLM(every_layer_config()).eval() for _ in range(2))
+    packed.load_state_dict(model.state_dict())
+    unpacked.load_state_dict(model.state_dict())
+    packed.pack_projections()
+    modules = packable_modules(packed)
+    assert {type(m).__name__ for m in modules} == {"NemotronFlashDeltaNet", "NemotronFlashAttention",
+                                                   "NemotronFlashMLP"}
+    for module in modules:
+        storages = {getattr(module, name).weight.untyped_storage().data_ptr() for name in module.input_projections}
+        assert storages == {module._packed_input_weight.data_ptr()}
+        assert module._packed_input_weight.numel() == sum(
+            getattr(module, name).weight.numel() for name in module.input_projections)
+    ids = prompt(7, seed=32)
+    with torch.no_grad(), OpTrace() as trace:
+        logits = packed(ids).logits
+    with torch.no_grad(), OpTrace() as unpacked_trace:
+        expected = unpacked(ids).logits
+    assert_close(logits, expected, 1e-6)
+    matmuls = ("mm.default", "addmm.default", "bmm.default")
+    removed = sum(len(m.input_projections) - 1 for m in modules)
+    assert (sum(op[0] in matmuls for op in unpacked_trace.ops) - sum(op[0] in matmuls for op in trace.ops)
+            == removed)
+    state = packed.state_dict()
+    assert list(state) == list(model.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    packed.save_pretrained(tmp_path)
+    reloaded = NemotronFlashForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_packed_projections_follow_moves_and_train():
+    """After .to() the weights are no longer the packed blocks: the unpacked path runs on the moved weights (no
+    stale copy is used or kept). With autograd recording, gradients reach every projection weight."""
+    torch.manual_seed(3)
+    model = NemotronFlashForCausalLM(every_layer_config()).eval()
+    randomize_(model, seed=33)
+    reference = NemotronFlashForCausalLM(every_layer_config()).eval()
+    reference.load_state_dict(model.state_dict())
+    model.pack_projections()
+    model.to(torch.float64)
+    ids = prompt(6, seed=34)
+    with torch.no_grad():
+        assert_close(model(ids).logits, reference.to(torch.float64)(ids).logits, 1e-12)
+    assert all(m._packed_input_weight is None for m in packable_modules(model))
+    model.pack_projections()  # packs again, in float64
+    assert all(m._packed_input_weight.dtype == torch.float64 for m in packable_modules(model))
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    for module in packable_modules(model):
+        for name in module.input_projections:
+            grad = getattr(module, name).weight.grad
+            assert grad is not None and grad.abs().sum() > 0, name

@@ -147,6 +147,8 @@ def decode(model, cache, first_tokens: torch.Tensor, new_tokens: int, use_cuda_g
     """Greedy decoding of ``new_tokens`` tokens whose first, ``first_tokens`` [B, 1], is already known (from the
     prompt's logits): ``new_tokens - 1`` decode steps through ``cache``, replayed from one CUDA graph on CUDA.
 
+    The model's input projections are packed first (``model.pack_projections()``: one matrix-vector product per
+    layer where there were two to four; values and memory unchanged).
     ``keep_logits`` also returns every step's logits (``first_logits`` [B, vocab] fills the first row).
     ``compile_step`` runs the model's one-token forward through ``torch.compile`` (Inductor fuses its many small
     kernels; compiled during the first warm-up step, so that step takes as long as the compilation), then captures
@@ -163,6 +165,7 @@ def decode(model, cache, first_tokens: torch.Tensor, new_tokens: int, use_cuda_g
     needed = cache.get_seq_length() + new_tokens - 1
     if needed > cache.max_length:
         raise ValueError(f"the cache holds {cache.max_length} text tokens; this generation needs {needed}")
+    model.pack_projections()  # fewer, larger matrix-vector products per step; memory and values unchanged
     device = first_tokens.device
     batch = first_tokens.shape[0]
     tokens = first_tokens.clone()
