@@ -357,6 +357,7 @@ def nemotron_profile(model, size: str, args, rec: Recorder) -> dict:
         torch._dynamo.config.disable = dynamo_was_disabled
     kernels = kernel_table(profiler, steps)
     out = {"batch": 1, "profiled_steps": steps, "context_tokens": args.prompt_tokens + args.warmup_steps + 1,
+           "cache_text_tokens": cache.max_length,  # what the attention step reads, whatever the context
            "unit": "device" if torch.cuda.is_available() else "cpu (operators)",
            "kernel_ms_per_step": sum(row["ms_per_iter"] for row in kernels),
            "kernels_per_step": sum(row["calls_per_iter"] for row in kernels),

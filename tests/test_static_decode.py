@@ -296,3 +296,17 @@ def test_packed_projections_follow_moves_and_train():
         for name in module.input_projections:
             grad = getattr(module, name).weight.grad
             assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_driver_decodes_models_exported_before_packing(model):
+    """Modeling code exported before pack_projections existed (no such method): the driver decodes it unpacked,
+    to the same tokens."""
+    class EarlierExport(NemotronFlashForCausalLM):
+        pack_projections = None
+
+    earlier = EarlierExport(every_layer_config()).eval()
+    earlier.load_state_dict(model.state_dict())
+    ids = prompt(7, seed=35)
+    result = graph_decode.greedy_generate(earlier, ids, 5)
+    assert all(m.__dict__.get("_packed_input_weight") is None for m in packable_modules(earlier))
+    assert torch.equal(result.tokens, graph_decode.greedy_generate(model, ids, 5).tokens)

@@ -56,6 +56,40 @@ def test_adam_runs_torch_fused_kernel(reference):
     assert all(c["fused_adam"] for c in reference["checks"]), reference["checks"]
 
 
+def _fused_adam_steps_against_the_formula() -> int:
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    from megatron_flash.testing import OpTrace
+    from megatron_flash.training.optimizer_params import use_fused_torch_adam
+
+    lr, (b1, b2), eps = 1e-2, (0.9, 0.95), 1e-8
+    gen = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(37, 5, generator=gen, dtype=torch.float64))
+    optimizer = FP32Optimizer(torch.optim.Adam([param], lr=lr, betas=(b1, b2), eps=eps),
+                              OptimizerConfig(lr=lr), init_state_fn=lambda *args: None)
+    use_fused_torch_adam(optimizer)
+    expected, m, v = param.detach().clone(), torch.zeros_like(param), torch.zeros_like(param)
+    fused_steps = 0
+    for step in range(1, 4):
+        grad = torch.randn(param.shape, generator=gen, dtype=torch.float64)
+        param.grad = grad.clone()
+        with OpTrace() as trace:
+            optimizer.optimizer.step()
+        fused_steps += any(op[0].startswith("_fused_adam") for op in trace.ops)
+        m, v = b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad**2
+        expected -= lr * (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + eps)
+        torch.testing.assert_close(param.detach(), expected, rtol=1e-12, atol=1e-12)
+    return fused_steps
+
+
+def test_fused_adam_update_follows_the_adam_formula():
+    """use_fused_torch_adam on megatron's torch-Adam fallback (FP32Optimizer, in the CPU runtime): three steps run
+    torch's fused kernel and give Adam's update written out in plain PyTorch (bias-corrected moments, no weight
+    decay)."""
+    assert run_distributed(_fused_adam_steps_against_the_formula, world_size=1) == [3]
+
+
 @pytest.mark.parametrize("world,tp,pp,extra", [
     (2, 2, 1, ["--tensor-model-parallel-size", "2"]),
     (2, 1, 2, ["--pipeline-model-parallel-size", "2"]),

@@ -165,7 +165,11 @@ def decode(model, cache, first_tokens: torch.Tensor, new_tokens: int, use_cuda_g
     needed = cache.get_seq_length() + new_tokens - 1
     if needed > cache.max_length:
         raise ValueError(f"the cache holds {cache.max_length} text tokens; this generation needs {needed}")
-    model.pack_projections()  # fewer, larger matrix-vector products per step; memory and values unchanged
+    # Fewer, larger matrix-vector products per step; memory and values unchanged. Folders exported before the
+    # method existed carry modeling code without it: they decode unpacked.
+    pack = getattr(model, "pack_projections", None)
+    if pack is not None:
+        pack()
     device = first_tokens.device
     batch = first_tokens.shape[0]
     tokens = first_tokens.clone()
