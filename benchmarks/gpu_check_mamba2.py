@@ -4,10 +4,11 @@
    fp32, as the mixer feeds them) against the sequential fp32 reference ``ssd_reference``: relative error
    ||got - ref|| / ||ref|| of y and, where the backend can run backward here, of the gradients of x, dt, A, B, C, D.
    Also ``torch`` on fp32 inputs (should sit at fp32 rounding). B=2, T=1000 (not a multiple of the chunk), H=8,
-   P=64, N=128, one group, an initial state.
+   P=64, N=128, one group, an initial state. On Hopper with 3.4 <= triton < 3.7.1 also fla's backward at N=64 with
+   fla #640's refusal lifted: key blocks of 64, the miscompile's condition (see ``ops/ssd.py``).
 2. Speed: forward+backward time (CUDA events, warm-up, median) and peak memory of the SSD scan alone and of one
    Mamba2Mixer at the 1B shape (hidden 2048, P=64, N=128, expand 2: 64 heads), micro-batch 8 x 4096 tokens, bf16,
-   for ``torch`` and ``torch_compile``; ``fla`` forward only where its backward is refused (Hopper, triton < 3.7.1).
+   for ``torch``, ``torch_compile`` and ``fla`` (forward only where its backward is refused).
 
     python benchmarks/gpu_check_mamba2.py            # one GPU; writes $OUT/mamba2_gpu.json when OUT is set
     python benchmarks/gpu_check_mamba2.py --smoke    # tiny sizes, runs on CPU: checks that the script works
@@ -22,6 +23,7 @@ import traceback
 import torch
 
 from megatron_flash import runtime
+from megatron_flash.ops import ssd
 from megatron_flash.ops.ssd import fla_backward_unsupported_reason, ssd_reference, ssd_scan
 from megatron_flash.testing import CheckReport, relative_error, step_times_ms
 
@@ -63,7 +65,7 @@ def accuracy(cfg, device) -> list[dict]:
     dy = torch.randn(fp32["x"].shape, generator=torch.Generator().manual_seed(1)).to(device)
     y_ref, grads_ref = run_scan(ssd_reference, fp32, dy, backward=True)
     bf16 = {k: (v.bfloat16() if k in ("x", "Bm", "Cm") else v) for k, v in fp32.items()}
-    fla_reason = fla_backward_unsupported_reason() if device.type == "cuda" else None
+    fla_reason = fla_backward_unsupported_reason(s["state_dim"]) if device.type == "cuda" else None
     rows = []
     for backend, inputs, dtype in (("torch", fp32, "fp32"), ("torch", bf16, "bf16"),
                                    ("torch_compile", bf16, "bf16"), ("fla", bf16, "bf16")):
@@ -84,7 +86,32 @@ def accuracy(cfg, device) -> list[dict]:
         rows.append(row)
         print("accuracy", row, flush=True)
     rows += packed_accuracy(cfg, device, fla_reason)
+    if device.type == "cuda" and ssd._fla_has_640_bug():
+        rows.append(fla_640_probe(cfg, device))
     return rows
+
+
+def fla_640_probe(cfg, device) -> dict:
+    """fla's backward at a state of 64 with #640's refusal lifted (``ssd._ssd_fla`` skips the check that
+    ``ssd_scan`` makes): key blocks of 64, the condition of the miscompile bisected in fla #640, which shows as
+    large gradient errors. Evidence on whether the refusal kept for states <= 64 is needed on this machine."""
+    s = {**cfg["scan"], "state_dim": 64}
+    fp32 = scan_inputs(s["batch"], s["length"], s["heads"], s["head_dim"], s["state_dim"], device, seed=4)
+    dy = torch.randn(fp32["x"].shape, generator=torch.Generator().manual_seed(5)).to(device)
+    y_ref, grads_ref = run_scan(ssd_reference, fp32, dy, backward=True)
+    bf16 = {k: (v.bfloat16() if k in ("x", "Bm", "Cm") else v) for k, v in fp32.items()}
+    row = dict(backend="fla", inputs="bf16, state 64, #640's refusal lifted")
+    unchecked = lambda x, dt, A, Bm, Cm, D, initial_state: ssd._ssd_fla(  # noqa: E731
+        x, dt, A, Bm, Cm, D, initial_state, False, None)
+    try:
+        y, grads = run_scan(unchecked, bf16, dy, backward=True)
+        row["y"] = relative_error(y, y_ref)
+        row.update({f"d{k}": relative_error(g, grads_ref[k]) for k, g in grads.items()})
+    except Exception as exc:  # noqa: BLE001
+        row["note"] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+        traceback.print_exc()
+    print("accuracy", row, flush=True)
+    return row
 
 
 def packed_accuracy(cfg, device, fla_reason) -> list[dict]:
@@ -159,7 +186,7 @@ def timings(cfg, device) -> list[dict]:
     from megatron.core.transformer.spec_utils import build_module
 
     L = cfg["layer"]
-    fla_reason = fla_backward_unsupported_reason() if device.type == "cuda" else "needs CUDA"
+    fla_reason = fla_backward_unsupported_reason(L["state_dim"]) if device.type == "cuda" else "needs CUDA"
     backends = [("torch", "fwd+bwd"), ("torch_compile", "fwd+bwd"), ("torch", "fwd"), ("torch_compile", "fwd")]
     backends.append(("fla", "fwd") if fla_reason else ("fla", "fwd+bwd"))
     if device.type != "cuda":
@@ -249,7 +276,8 @@ def main():
         result["triton"] = triton.__version__
     except ImportError:
         pass
-    result["fla_backward"] = (fla_backward_unsupported_reason() or "supported") if device.type == "cuda" else "n/a"
+    result["fla_backward"] = ((fla_backward_unsupported_reason(cfg["scan"]["state_dim"]) or "supported")
+                              if device.type == "cuda" else "n/a")
     result["accuracy"] = accuracy(cfg, device)
     result.save()  # the timings may not fit in what is left of a machine call
     result["timing"] = [] if args.skip_timing else timings(cfg, device)

@@ -21,6 +21,7 @@ import torch
 from megatron_flash.testing import median_ms
 
 SMOKE = False
+SSD_BACKEND = "auto"  # --ssd-backend: the Mamba2 scan of the training sections
 
 
 def out_path(args):
@@ -78,7 +79,8 @@ def section_layers():
     rows = []
     for char, name in (("F", "FFN (SwiGLU)"), ("A", "attention (GQA, SDPA)"), ("D", "DeltaNet"),
                        ("M", "Mamba2")):
-        for backend in (["torch_compile", "torch"] if char == "M" else [None]):
+        for backend in ((["torch_compile", "torch"] + (["fla"] if torch.cuda.is_available() else [])) if char == "M"
+                        else [None]):
             spec = builder.resolve(preset, layer_pattern=char, params_dtype=torch.bfloat16, bf16=True,
                                    **({"ssd_backend": backend} if backend else {}))
             layer = build_module(specs.layer_spec(char), config=spec.config, layer_number=1).to(device())
@@ -111,13 +113,13 @@ def section_train(preset, micro_batch, iters=8, extra=(), profile_dir=None):
     argv = ["--mock-data", "--preset", "tiny" if SMOKE else preset, "--seq-length", str(seq),
             "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch),
             "--train-iters", str(iters), "--log-interval", str(iters // 2), "--eval-iters", "0",
-            "--lr", "1e-3", "--ssd-backend", "torch_compile"] + ([] if SMOKE else ["--bf16"]) + list(extra)
+            "--lr", "1e-3", "--ssd-backend", SSD_BACKEND] + ([] if SMOKE else ["--bf16"]) + list(extra)
     if profile_dir:
         argv += ["--profile", "--profile-step-start", str(iters - 2), "--profile-step-end", str(iters),
                  "--profile-dir", profile_dir]
     args = arguments.parse_args(argv, world_size=1)
     result = pretrain.train(args)
-    out = {"preset": preset, "micro_batch": micro_batch, "seq": seq, **result["last_log"],
+    out = {"preset": preset, "micro_batch": micro_batch, "seq": seq, "ssd_backend": SSD_BACKEND, **result["last_log"],
            "flops_per_token": result["flops_per_token"], "final_losses": result["losses"][-2:]}
     if profile_dir:
         out["profile"] = result["profile"]
@@ -221,7 +223,7 @@ PEAK = 0.0
 
 
 def main():
-    global SMOKE, PEAK
+    global SMOKE, PEAK, SSD_BACKEND
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="runtime,layers,train_1b_mbs4,train_no_weight_norm_1b_mbs4,"
                                          "profile_1b_mbs4,train_3b_mbs2,gpt_mbs2,fla_mbs4",
@@ -231,8 +233,10 @@ def main():
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--ssd-backend", default="auto", help="Mamba2 scan of the training sections (as pretrain's flag)")
     args = p.parse_args()
     SMOKE = args.smoke
+    SSD_BACKEND = args.ssd_backend
     if not args.in_process:
         return run_sections_in_subprocesses(args)
     from megatron_flash import runtime
@@ -276,7 +280,8 @@ def run_sections_in_subprocesses(args):
     import sys
 
     for name in args.sections.split(","):
-        cmd = [sys.executable, __file__, "--in-process", "--sections", name, "--out", args.out] + (["--smoke"] if args.smoke else [])
+        cmd = [sys.executable, __file__, "--in-process", "--sections", name, "--out", args.out,
+               "--ssd-backend", args.ssd_backend] + (["--smoke"] if args.smoke else [])
         code = subprocess.call(cmd)
         if code:
             print(f"== {name}: process exited with {code}", flush=True)

@@ -219,3 +219,56 @@ def test_torch_compile_bf16_within_bf16_error():
     errors = {"y": relative_error(y.cpu(), y_ref), "final": relative_error(final.cpu(), final_ref),
               **{f"d{k}": relative_error(g.cpu(), grads_ref[k]) for k, g in grads.items()}}
     assert max(errors.values()) < 1.5e-2, errors
+
+
+def test_fla_training_is_refused_only_where_fla_640_applies(monkeypatch):
+    """fla #640 (Hopper, 3.4 <= triton < 3.7.1) miscompiles key blocks of 64: states of 64 or less are refused for
+    training there, before any kernel runs; larger states (fla's block 128) and other machines are not."""
+    from megatron_flash.ops import ssd
+
+    t = _inputs(1, 8, 2, 4, 1, 64, dtype=torch.float32)
+    monkeypatch.setattr(ssd, "_fla_has_640_bug", lambda: True)
+    assert ssd.fla_backward_unsupported_reason(128) is None
+    assert "#640" in ssd.fla_backward_unsupported_reason(64)
+    with pytest.raises(RuntimeError, match="cannot train here.*#640"):
+        ssd_scan(t["x"], t["dt"], t["A"], t["Bm"], t["Cm"], t["D"], backend="fla")
+    monkeypatch.setattr(ssd, "_fla_has_640_bug", lambda: False)
+    assert ssd.fla_backward_unsupported_reason(64) is None
+
+
+def test_fla_640_refusal_is_restored_after_an_error():
+    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    from fla.ops.common import chunk_o
+    from megatron_flash.ops.ssd import _fla_640_refusal_lifted
+
+    before = chunk_o.TRITON_ABOVE_3_7_1
+    chunk_o.TRITON_ABOVE_3_7_1 = False
+    try:
+        with pytest.raises(ValueError), _fla_640_refusal_lifted():
+            assert chunk_o.TRITON_ABOVE_3_7_1 is True
+            raise ValueError
+        assert chunk_o.TRITON_ABOVE_3_7_1 is False
+    finally:
+        chunk_o.TRITON_ABOVE_3_7_1 = before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernels need CUDA")
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 130, 131, 333]])
+def test_fla_trains_within_bf16_error(cu_seqlens):
+    """fla's chunk kernels at the presets' head dim 64 and state 128 (on Hopper with triton < 3.7.1: fla's backward
+    with #640's refusal lifted), forward and backward, against the fp64 recurrence on the same bf16-rounded values."""
+    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    batch = 1 if cu_seqlens else 2
+    cu = torch.tensor(cu_seqlens) if cu_seqlens else None
+    t64 = _inputs(batch, 333, 4, 64, 1, 128, with_initial=True, sequences=3 if cu_seqlens else None)
+    with torch.no_grad():
+        for name in ("x", "Bm", "Cm"):
+            t64[name].copy_(t64[name].bfloat16().double())
+    half = {k: (v.detach().to("cuda", torch.bfloat16 if k in ("x", "Bm", "Cm") else torch.float32).requires_grad_()
+                if v is not None else None) for k, v in t64.items()}
+    (y, final, grads), (y_ref, final_ref, grads_ref) = (
+        _outputs_and_grads(ssd_scan, half, cu_seqlens=None if cu is None else cu.cuda(), backend="fla"),
+        _outputs_and_grads(ssd_reference, t64, cu_seqlens=cu))
+    errors = {"y": relative_error(y.cpu(), y_ref), "final": relative_error(final.cpu(), final_ref),
+              **{f"d{k}": relative_error(g.cpu(), grads_ref[k]) for k, g in grads.items()}}
+    assert max(errors.values()) < 1.5e-2, errors

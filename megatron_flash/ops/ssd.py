@@ -10,9 +10,13 @@ with head h reading group ``h // (H / G)``, D [H] or None; states [N_seq, H, P, 
 
 * ``mamba_ssm``: ``mamba_chunk_scan_combined`` (Triton), where mamba_ssm is built;
 * ``fla``: fla's ``chunk_simple_gla`` with q = C, k = B, v = x dt, log-gate g = A dt (SSD is scalar-decay gated
-  linear attention). Forward and backward on most GPUs, but fla refuses the backward of every gated chunk kernel
-  on Hopper with 3.4 <= triton < 3.7.1 (wrong results, fla issue #640) unless tilelang is usable: there this
-  backend raises before the forward when a gradient could be requested;
+  linear attention). On Hopper with 3.4 <= triton < 3.7.1 fla refuses the backward of every gated chunk kernel
+  (fla issue #640), but the miscompile bisected there needs key blocks of 64 in ``chunk_bwd_dqkwg``; fla tiles
+  keys by min(next_pow2(N), 128) on Hopper, so a state of more than 64 (the presets' 128) never takes that path
+  and this backend runs fla's backward with the refusal lifted (the GPU tests check it against the recurrence).
+  A state of 64 or less raises before the forward when a gradient could be requested (an H200 probe at 64 showed
+  no error, but the issue's failing case, two key blocks of 64, was not reproduced: refused to be safe). On one
+  group it is no faster than ``torch_compile`` (fla's kernels are per head: B and C are copied to every head);
 * ``torch``: the chunked SSD of the Mamba2 paper's ``ssd_minimal`` (batched matmuls inside chunks of
   ``chunk_size`` tokens, a [chunks x chunks] decay matrix between them), any device. Decays, sums and states are
   fp32 (fp64 for fp64 inputs); the contractions take bf16/fp16 operands when x, B and C come in that dtype, as
@@ -28,7 +32,9 @@ pairs of chunks of the same document. One graph for any number of documents, no 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
@@ -312,47 +318,83 @@ def _ssd_mamba_ssm(x, dt, A, Bm, Cm, D, initial_state, output_final_state, cu_se
     return out, states
 
 
-def fla_backward_unsupported_reason() -> Optional[str]:
-    """Why fla's gated chunk kernels cannot run backward on this GPU (None when they can), mirroring fla's check."""
+# fla's key block in chunk_bwd_dqkwg on Hopper is min(next_pow2(state_dim), 128); #640's miscompile needs 64
+FLA_SAFE_MIN_STATE_DIM = 65
+
+
+def _fla_has_640_bug() -> bool:
+    """Whether fla's triton path hits #640 here (Hopper, 3.4 <= triton < 3.7.1, no tilelang to route around it)."""
     try:
         from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
     except ImportError:
-        return None
+        return False
     if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
-        return None
+        return False
     try:
         from fla.backends import TileLangBackend
 
-        if TileLangBackend.is_available():
-            return None
+        return not TileLangBackend.is_available()
     except ImportError:
-        pass
-    return ("fla's gated chunk backward gives wrong results with 3.4 <= triton < 3.7.1 on Hopper (fla #640) and "
-            "fla refuses it; upgrade triton to >= 3.7.1, install tilelang, run under torch.no_grad(), or use the "
-            "'torch_compile' / 'mamba_ssm' backends for training")
+        return True
+
+
+def fla_backward_unsupported_reason(state_dim: int) -> Optional[str]:
+    """Why fla's SSD backward cannot run on this GPU for this state size (None when it can)."""
+    if not _fla_has_640_bug() or state_dim >= FLA_SAFE_MIN_STATE_DIM:
+        return None
+    return (f"fla's gated chunk backward gives wrong results with 3.4 <= triton < 3.7.1 on Hopper for a state of "
+            f"{state_dim} <= 64 (key blocks of 64, fla #640); upgrade triton to >= 3.7.1, install tilelang, run "
+            f"under torch.no_grad(), or use the 'torch_compile' / 'mamba_ssm' backends for training")
+
+
+@contextlib.contextmanager
+def _fla_640_refusal_lifted():
+    """fla's chunk_bwd_dqkwg refuses every gated backward in #640's triton range, whatever its block; lift the
+    refusal (a module flag read at call time) for a call that :func:`fla_backward_unsupported_reason` cleared."""
+    from fla.ops.common import chunk_o
+
+    saved = chunk_o.TRITON_ABOVE_3_7_1
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    try:
+        yield
+    finally:
+        chunk_o.TRITON_ABOVE_3_7_1 = saved
+
+
+class _FlaSimpleGLA(torch.autograd.Function):
+    """fla's ChunkSimpleGLAFunction with scale 1 and our state layout ([V=P, K=N]: ``state_v_first``), its
+    backward run with #640's refusal lifted (a no-op off Hopper, or where tilelang takes the call)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, output_final_state, cu_seqlens):
+        from fla.ops.simple_gla.chunk import ChunkSimpleGLAFunction
+
+        return ChunkSimpleGLAFunction.forward(ctx, q, k, v, g, None, 1.0, initial_state, output_final_state, True,
+                                              cu_seqlens, None, None)
+
+    @staticmethod
+    def backward(ctx, d_out, d_final):
+        from fla.ops.simple_gla.chunk import ChunkSimpleGLAFunction
+
+        with _fla_640_refusal_lifted():
+            dq, dk, dv, dg, _, _, d_initial, *_ = ChunkSimpleGLAFunction.backward(ctx, d_out, d_final)
+        return dq, dk, dv, dg, d_initial, None, None
 
 
 def _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, cu_seqlens):
-    try:
-        from fla.ops.simple_gla import chunk_simple_gla
-    except ImportError as exc:
-        raise RuntimeError("SSD backend 'fla' needs flash-linear-attention (pip install '.[gpu]')") from exc
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, Bm, Cm, D, initial_state)):
-        reason = fla_backward_unsupported_reason()
-        if reason is not None:
-            raise RuntimeError(f"SSD backend 'fla' cannot train here: {reason}")
+    """fla's chunk kernels, unchecked: :func:`ssd_scan` refuses training where #640 applies before calling this."""
+    if importlib.util.find_spec("fla") is None:
+        raise RuntimeError("SSD backend 'fla' needs flash-linear-attention (pip install '.[gpu]')")
     heads, groups = x.shape[2], Bm.shape[2]
     # fla takes per-head q/k: broadcast the groups to their heads (a copy; fla's kernels want contiguous inputs)
     q = Cm.repeat_interleave(heads // groups, dim=2)
     k = Bm.repeat_interleave(heads // groups, dim=2)
     v = x * dt[..., None].to(x.dtype)
     g = (dt.float() * A.float()[None, None])
-    # state_v_first=True: fla's state is then [N_seq, H, V=P, K=N], our layout
-    o, final = chunk_simple_gla(q, k, v, g=g, scale=1.0, initial_state=initial_state,
-                                output_final_state=output_final_state, state_v_first=True, cu_seqlens=cu_seqlens)
+    o, final = _FlaSimpleGLA.apply(q, k, v, g, initial_state, output_final_state, cu_seqlens)
     if D is not None:
         o = o + (D[:, None] * x.to(D.dtype)).to(o.dtype)
-    return o, final
+    return o, (final if output_final_state else None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -385,6 +427,10 @@ def ssd_scan(x, dt, A, Bm, Cm, D=None, *, chunk_size: int = 64, initial_state=No
     if backend == "mamba_ssm":
         return _ssd_mamba_ssm(x, dt, A, Bm, Cm, D, initial_state, output_final_state, cu_seqlens, chunk_size)
     if backend == "fla":
+        reason = fla_backward_unsupported_reason(Bm.shape[-1])
+        if reason is not None and torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, dt, A, Bm, Cm, D, initial_state)):
+            raise RuntimeError(f"SSD backend 'fla' cannot train here: {reason}")
         return _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, cu_seqlens)
     return _ssd_torch(x, dt, A, Bm, Cm, D, initial_state, output_final_state, cu_seqlens, bounds, chunk_size,
                       compiled=backend == "torch_compile")
