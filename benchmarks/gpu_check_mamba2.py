@@ -59,14 +59,14 @@ def run_scan(fn, inputs: dict, dy: torch.Tensor, backward: bool, **kwargs):
     return y.detach(), ({k: leaves[k].grad for k in SCAN_INPUTS} if backward else {})
 
 
-def accuracy(cfg, device) -> list[dict]:
+def accuracy(cfg, device, rows: list) -> None:
+    """Appends one row per backend and input kind to ``rows``."""
     s = cfg["scan"]
     fp32 = scan_inputs(s["batch"], s["length"], s["heads"], s["head_dim"], s["state_dim"], device)
     dy = torch.randn(fp32["x"].shape, generator=torch.Generator().manual_seed(1)).to(device)
     y_ref, grads_ref = run_scan(ssd_reference, fp32, dy, backward=True)
     bf16 = {k: (v.bfloat16() if k in ("x", "Bm", "Cm") else v) for k, v in fp32.items()}
     fla_reason = fla_backward_unsupported_reason(s["state_dim"]) if device.type == "cuda" else None
-    rows = []
     for backend, inputs, dtype in (("torch", fp32, "fp32"), ("torch", bf16, "bf16"),
                                    ("torch_compile", bf16, "bf16"), ("fla", bf16, "bf16")):
         row = dict(backend=backend, inputs=dtype)
@@ -85,10 +85,9 @@ def accuracy(cfg, device) -> list[dict]:
             traceback.print_exc()
         rows.append(row)
         print("accuracy", row, flush=True)
-    rows += packed_accuracy(cfg, device, fla_reason)
+    packed_accuracy(cfg, device, fla_reason, rows)
     if device.type == "cuda" and ssd._fla_has_640_bug():
         rows.append(fla_640_probe(cfg, device))
-    return rows
 
 
 def fla_640_probe(cfg, device) -> dict:
@@ -114,7 +113,7 @@ def fla_640_probe(cfg, device) -> dict:
     return row
 
 
-def packed_accuracy(cfg, device, fla_reason) -> list[dict]:
+def packed_accuracy(cfg, device, fla_reason, rows: list) -> None:
     """Three packed documents (one of a single token) with per-document initial states, batch 1."""
     s = cfg["scan"]
     length = s["length"]
@@ -125,7 +124,6 @@ def packed_accuracy(cfg, device, fla_reason) -> list[dict]:
     dy = torch.randn(fp32["x"].shape, generator=torch.Generator().manual_seed(3)).to(device)
     y_ref, grads_ref = run_scan(ssd_reference, fp32, dy, backward=True, cu_seqlens=cu_seqlens)
     bf16 = {k: (v.bfloat16() if k in ("x", "Bm", "Cm") else v) for k, v in fp32.items()}
-    rows = []
     for backend in ("torch_compile", "fla"):
         row = dict(backend=backend, inputs="bf16, 3 packed documents")
         if backend == "fla" and device.type != "cuda":
@@ -144,7 +142,6 @@ def packed_accuracy(cfg, device, fla_reason) -> list[dict]:
             traceback.print_exc()
         rows.append(row)
         print("accuracy", row, flush=True)
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -179,7 +176,7 @@ def _timed(rows, name, backend, mode, step, device, cfg):
     print("timing", row, flush=True)
 
 
-def timings(cfg, device) -> list[dict]:
+def timings(cfg, device, rows: list) -> None:
     from megatron_flash.config import make_config
     from megatron_flash.layers.base import MixerInputs
     from megatron_flash.models.specs import mixer_spec
@@ -191,7 +188,6 @@ def timings(cfg, device) -> list[dict]:
     backends.append(("fla", "fwd") if fla_reason else ("fla", "fwd+bwd"))
     if device.type != "cuda":
         backends = [b for b in backends if b[0] != "fla"]
-    rows = []
 
     # the scan alone, at the layer's per-GPU shape
     heads = 2 * L["hidden"] // L["head_dim"]
@@ -230,7 +226,6 @@ def timings(cfg, device) -> list[dict]:
                     mixer.zero_grad(set_to_none=True)
                     x.grad = None
         _timed(rows, "Mamba2Mixer", backend, mode, layer_step, device, cfg)
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -278,9 +273,10 @@ def main():
         pass
     result["fla_backward"] = ((fla_backward_unsupported_reason(cfg["scan"]["state_dim"]) or "supported")
                               if device.type == "cuda" else "n/a")
-    result["accuracy"] = accuracy(cfg, device)
-    result.save()  # the timings may not fit in what is left of a machine call
-    result["timing"] = [] if args.skip_timing else timings(cfg, device)
+    accuracy(cfg, device, result.rows("accuracy"))  # each row is saved as it comes: a time limit loses nothing
+    timing = result.rows("timing")
+    if not args.skip_timing:
+        timings(cfg, device, timing)
     print_tables(result)
     result.save()
     if result.path:

@@ -224,6 +224,16 @@ class OpTrace(TorchDispatchMode):
                 if isinstance(a, tuple) and a[:1] == ("tensor",)}
 
 
+class _SavingRows(list):
+    def __init__(self, report: "CheckReport"):
+        super().__init__()
+        self.report = report
+
+    def append(self, row) -> None:
+        super().append(row)
+        self.report.save()
+
+
 class CheckReport(dict):
     """The results of a GPU check script: a dict written to ``$OUT/<file_name>`` (when OUT is set) each time
     :meth:`save` is called, so a run cut short by the machine's time limit still leaves what it measured, and a log
@@ -242,8 +252,15 @@ class CheckReport(dict):
 
     def save(self) -> None:
         if self.path:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path, "w") as f:
                 json.dump(self, f, indent=1, default=str)
+
+    def rows(self, name: str) -> list:
+        """A list stored under ``name`` that saves the report at every ``append``: rows measured before a time
+        limit cuts the run short are kept."""
+        self[name] = _SavingRows(self)
+        return self[name]
 
     def finish(self, ok: bool, what: str) -> int:
         """Record the verdict, save, say where and whether every ``what`` passed; the script's exit code."""

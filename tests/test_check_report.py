@@ -29,3 +29,13 @@ def test_without_out_nothing_is_written(tmp_path, monkeypatch, capsys):
     report.save()
     assert report.path is None and report.finish(True, "widget checks") == 0
     assert list(tmp_path.iterdir()) == [] and "wrote" not in capsys.readouterr().out
+
+
+def test_rows_are_saved_as_they_are_appended(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    report = CheckReport("x_gpu.json")
+    rows = report.rows("accuracy")
+    rows.append({"backend": "fla", "y": 3e-3})
+    assert json.loads((tmp_path / "x_gpu.json").read_text()) == {"accuracy": [{"backend": "fla", "y": 3e-3}]}
+    rows.append({"backend": "torch"})
+    assert len(json.loads((tmp_path / "x_gpu.json").read_text())["accuracy"]) == 2
