@@ -342,9 +342,9 @@ def fla_backward_unsupported_reason(state_dim: int) -> Optional[str]:
     """Why fla's SSD backward cannot run on this GPU for this state size (None when it can)."""
     if not _fla_has_640_bug() or state_dim >= FLA_SAFE_MIN_STATE_DIM:
         return None
-    return (f"fla's gated chunk backward gives wrong results with 3.4 <= triton < 3.7.1 on Hopper for a state of "
-            f"{state_dim} <= 64 (key blocks of 64, fla #640); upgrade triton to >= 3.7.1, install tilelang, run "
-            f"under torch.no_grad(), or use the 'torch_compile' / 'mamba_ssm' backends for training")
+    return (f"with 3.4 <= triton < 3.7.1 on Hopper fla's gated chunk backward can give wrong gradients with key "
+            f"blocks of up to 64, which a state of {state_dim} uses (fla #640); upgrade triton to >= 3.7.1, install "
+            f"tilelang, run under torch.no_grad(), or use the 'torch_compile' / 'mamba_ssm' backends for training")
 
 
 @contextlib.contextmanager
