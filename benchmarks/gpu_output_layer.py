@@ -1,5 +1,6 @@
 """The fused output layer + cross-entropy (ops/linear_cross_entropy.py) at the 1B training shape: forward +
-backward time, and, against another version of the op, the same on the same inputs with the differences.
+backward time and peak memory, kept softmax - onehot against ``recompute_logits``, and, against another version of
+the op, the same on the same inputs with the differences.
 
     python benchmarks/gpu_output_layer.py [--baseline FILE.py] [--out DIR] [--smoke]
 
@@ -13,6 +14,7 @@ on the CPU, to check the script. Results: DIR/output_layer.json (DIR defaults to
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -35,8 +37,8 @@ def load_op(path: str):
 
 
 def time_op(fn, hidden, weight, labels, vocab_size, warmup, iters):
-    """Median forward + backward ms, the first call's seconds (compilation included), and the last run's loss and
-    gradients."""
+    """Median forward + backward ms, the first call's seconds (compilation included), the peak GiB allocated above
+    the inputs (NaN on CPU), and the last run's loss and gradients."""
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     last = {}
 
@@ -46,13 +48,19 @@ def time_op(fn, hidden, weight, labels, vocab_size, warmup, iters):
         loss.mean().backward()
         last["loss"] = loss.detach()
 
+    on_gpu = hidden.is_cuda
+    if on_gpu:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     step()
-    if torch.cuda.is_available():
+    if on_gpu:
         torch.cuda.synchronize()
     first_s = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if on_gpu else float("nan")
     ms = median_ms(step, warmup - 1, iters)
-    return ms, first_s, last["loss"], h.grad, w.grad
+    return ms, first_s, peak, last["loss"], h.grad, w.grad
 
 
 def main(argv=None):
@@ -73,12 +81,20 @@ def main(argv=None):
         hidden = (0.5 * torch.randn(cfg["tokens"], cfg["hidden"], generator=gen)).to(device, dtype)
         weight = (0.02 * torch.randn(rows, cfg["hidden"], generator=gen)).to(device, dtype)
         labels = torch.randint(0, vocab_size, (cfg["tokens"],), generator=gen).to(device)
-        ms, first_s, loss, dh, dw = time_op(this_version.linear_cross_entropy, hidden, weight, labels, vocab_size,
-                                            cfg["warmup"], cfg["iters"])
-        row = {"fwd_bwd_ms": ms, "first_call_s": first_s, "padding_rows_grad_zero": bool((dw[vocab_size:] == 0).all())}
+        ms, first_s, peak, loss, dh, dw = time_op(this_version.linear_cross_entropy, hidden, weight, labels,
+                                                  vocab_size, cfg["warmup"], cfg["iters"])
+        row = {"fwd_bwd_ms": ms, "first_call_s": first_s, "peak_gib": peak,
+               "padding_rows_grad_zero": bool((dw[vocab_size:] == 0).all())}
+        recompute = functools.partial(this_version.linear_cross_entropy, recompute_logits=True)
+        re_ms, _, re_peak, re_loss, re_dh, re_dw = time_op(recompute, hidden, weight, labels, vocab_size,
+                                                           cfg["warmup"], cfg["iters"])
+        row.update(recompute_fwd_bwd_ms=re_ms, recompute_peak_gib=re_peak,
+                   recompute_rel_diff_loss=relative_error(re_loss, loss),
+                   recompute_rel_diff_dhidden=relative_error(re_dh, dh),
+                   recompute_rel_diff_dweight=relative_error(re_dw, dw))
         if baseline is not None:
-            base_ms, base_first_s, base_loss, base_dh, base_dw = time_op(baseline, hidden, weight, labels,
-                                                                         vocab_size, cfg["warmup"], cfg["iters"])
+            base_ms, base_first_s, _, base_loss, base_dh, base_dw = time_op(baseline, hidden, weight, labels,
+                                                                            vocab_size, cfg["warmup"], cfg["iters"])
             row.update(baseline_fwd_bwd_ms=base_ms, baseline_first_call_s=base_first_s,
                        rel_diff_loss=relative_error(loss, base_loss), rel_diff_dhidden=relative_error(dh, base_dh),
                        rel_diff_dweight=relative_error(dw, base_dw))

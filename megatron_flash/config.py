@@ -46,6 +46,10 @@ class NemotronFlashConfig(TransformerConfig):
     mamba_chunk_size: int = 64
     ssd_backend: str = "auto"  # auto | mamba_ssm | fla | torch | torch_compile
 
+    # Output layer: recompute the logits in backward instead of keeping softmax - onehot (2 bytes per token and
+    # vocabulary row); see ops/linear_cross_entropy.py
+    recompute_logits: bool = False
+
     def __post_init__(self):
         self.pipeline_stage_layers = patterns.explicit_stage_sizes(self.layer_pattern) or self.pipeline_stage_layers
         self.layer_pattern = patterns.parse(self.layer_pattern)

@@ -1,8 +1,9 @@
 """FLOPs per token of a Nemotron-Flash model, for MFU.
 
 Counted per token of one forward pass (a multiply-add is 2 FLOPs); training counts 3x (forward, backward for
-activations, backward for weights), plus one more forward per recomputed layer. Written down per operation so that
-docs/performance.md can cite it:
+activations, backward for weights), plus one more forward of the layers when they are recomputed
+(``--recompute-activations``) and of the output layer when its logits are (``--recompute-logits``). Written down
+per operation so that docs/performance.md can cite it:
 
 * every projection matrix W [out, in]: 2 * out * in (q/k/v/b, in_proj, bc_proj, out projections, FFN, output layer);
 * attention scores and values, causal: 2 * 2 * heads * head_dim * (average context) where the average context of
@@ -21,6 +22,16 @@ CHUNK = 64
 
 def forward_flops_per_token(config, vocab_size: int, seq_length: int) -> float:
     """Forward FLOPs per (text) token at sequence length ``seq_length`` (meta tokens add their share)."""
+    return layer_flops_per_token(config, seq_length) + output_flops_per_token(config, vocab_size)
+
+
+def output_flops_per_token(config, vocab_size: int) -> float:
+    """The output layer's (meta positions are dropped before it)."""
+    return 2 * config.hidden_size * vocab_size
+
+
+def layer_flops_per_token(config, seq_length: int) -> float:
+    """The decoder layers', per text token (meta positions are computed too, but only text tokens are counted)."""
     h = config.hidden_size
     total_len = seq_length + config.num_meta_tokens
     flops = 0.0
@@ -46,10 +57,13 @@ def forward_flops_per_token(config, vocab_size: int, seq_length: int) -> float:
             flops += 2 * h * (2 * inner + heads + 2 * groups * n) + 2 * inner * h
             flops += 2 * config.mamba_conv_kernel * (inner + 2 * groups * n)
             flops += heads * (4 * p * n + 2 * config.mamba_chunk_size * (n + p))
-    flops *= total_len / seq_length  # meta-token positions are computed too, but only text tokens are counted
-    flops += 2 * h * vocab_size  # output layer (meta positions are dropped before it)
-    return flops
+    return flops * total_len / seq_length
 
 
-def train_flops_per_token(config, vocab_size: int, seq_length: int, recompute: bool = False) -> float:
-    return (4.0 if recompute else 3.0) * forward_flops_per_token(config, vocab_size, seq_length)
+def train_flops_per_token(config, vocab_size: int, seq_length: int, recompute_layers: bool = False,
+                          recompute_logits: bool = False) -> float:
+    """Forward, two backward passes, and the recomputed forwards: layer recompute reruns the decoder layers only
+    (megatron's checkpointing wraps the layers, not the output layer)."""
+    return (3.0 * forward_flops_per_token(config, vocab_size, seq_length)
+            + (layer_flops_per_token(config, seq_length) if recompute_layers else 0.0)
+            + (output_flops_per_token(config, vocab_size) if recompute_logits else 0.0))

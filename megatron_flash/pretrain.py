@@ -49,6 +49,7 @@ def build_model_and_optimizer(args, vocab_size: int):
         recompute_granularity="full" if args.recompute_activations else None,
         recompute_method="uniform" if args.recompute_activations else None,
         recompute_num_layers=1 if args.recompute_activations else None,
+        recompute_logits=args.recompute_logits,
     )
     use_te = args.transformer_impl == "transformer_engine"
     if use_te and not specs.te_available():
@@ -176,7 +177,8 @@ def train(args, step_callback=None) -> dict:
 
     tokens_per_iter = args.global_batch_size * args.seq_length
     flops_per_iter = tokens_per_iter * flops.train_flops_per_token(
-        spec.config, model.padded_vocab_size, args.seq_length, args.recompute_activations) / dist.get_world_size()
+        spec.config, model.padded_vocab_size, args.seq_length, args.recompute_activations,
+        args.recompute_logits) / dist.get_world_size()
     progress = ProgressLog(args.tensorboard_dir, args.log_interval, tokens_per_iter, flops_per_iter,
                            peak_flops_per_second())
     exit_signal = ExitSignal()

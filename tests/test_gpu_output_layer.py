@@ -15,6 +15,8 @@ def test_smoke_run_against_itself_and_a_wrong_baseline(tmp_path):
         row = same[key]
         assert row["fwd_bwd_ms"] > 0 and row["baseline_fwd_bwd_ms"] > 0 and row["padding_rows_grad_zero"]
         assert row["rel_diff_loss"] == row["rel_diff_dhidden"] == row["rel_diff_dweight"] == 0.0
+        assert row["recompute_fwd_bwd_ms"] > 0 and row["recompute_rel_diff_loss"] == 0.0  # the same forward
+        assert row["recompute_rel_diff_dhidden"] < 1e-2 and row["recompute_rel_diff_dweight"] < 1e-2  # bf16
     assert (tmp_path / "output_layer.json").exists()
     wrong = tmp_path / "unmasked.py"  # the softmax also over the padding rows: only the padded case differs
     wrong.write_text(

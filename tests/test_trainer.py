@@ -27,9 +27,15 @@ def _train(argv, check=False):
     from megatron_flash.training import arguments
 
     args = arguments.parse_args(argv, world_size=torch.distributed.get_world_size())
-    record = []
-    result = pretrain.train(args, step_callback=(lambda i, m, o: _check_step(i, m, o, record)) if check else None)
-    return {"losses": result["losses"], "checks": record, "iteration": result["iteration"]}
+    record, configs = [], []
+
+    def callback(iteration, model, optimizer):
+        configs.append((model.config.recompute_granularity, model.config.recompute_logits))
+        if check:
+            _check_step(iteration, model, optimizer, record)
+    result = pretrain.train(args, step_callback=callback)
+    return {"losses": result["losses"], "checks": record, "iteration": result["iteration"],
+            "recompute": configs[-1] if configs else None, "flops_per_token": result["flops_per_token"]}
 
 
 def _run(extra, world=1, tp=1, pp=1, check=False, env=None):
@@ -306,9 +312,17 @@ def test_training_with_document_masking_runs_and_learns():
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
 
 
-def test_activation_recomputation_gives_the_same_losses(reference):
-    losses = _run(["--train-iters", "4", "--recompute-activations"])[0]["losses"]
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference["losses"]), rtol=1e-6, atol=0)
+@pytest.mark.parametrize("flag,rtol,recompute", [
+    ("--recompute-activations", 1e-6, ("full", False)),
+    # the output layer's gradients are then summed in another order (chunks of vocabulary rows)
+    ("--recompute-logits", 1e-5, (None, True)),
+])
+def test_recomputation_gives_the_same_losses(reference, flag, rtol, recompute):
+    """The flag reaches the model's config, the MFU counts the recomputed forward, and the losses are unchanged."""
+    run = _run(["--train-iters", "4", flag])[0]
+    assert reference["recompute"] == (None, False) and run["recompute"] == recompute
+    assert run["flops_per_token"] > reference["flops_per_token"]
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=rtol, atol=0)
 
 
 def _train_profiled(argv):

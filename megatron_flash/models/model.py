@@ -154,5 +154,5 @@ class NemotronFlashModel(LanguageModule):
         loss = linear_cross_entropy(
             hidden.reshape(seq * batch, width), weight, labels.t().reshape(-1), self.vocab_size,
             vocab_start=parallel_state.get_tensor_model_parallel_rank() * weight.shape[0],
-            group=parallel_state.get_tensor_model_parallel_group())
+            group=parallel_state.get_tensor_model_parallel_group(), recompute_logits=self.config.recompute_logits)
         return loss.view(seq, batch).t()

@@ -7,9 +7,11 @@ V_local)`` of the full matrix. Forward runs over chunks of tokens: each chunk's 
 when a gradient is wanted, ``softmax - onehot(label)`` in the input dtype, kept for backward (2 bytes per token and
 vocabulary row on this rank: 4 GiB for 16384 tokens of a 131072 vocabulary in bf16). Backward is then two matmuls,
 with each token's incoming gradient applied to the rows of the input: it recomputes nothing (recomputing the logits
-was a third matmul, 13 ms per 1B step on an H200). The softmax is fp32 whatever the input dtype (matmuls run in the
-input dtype with fp32 accumulation); on GPUs each chunk's softmax passes are fused kernels (ops/compile.py) that read
-the logits in the matmul's dtype once.
+was a third matmul, 13 ms per 1B step on an H200). With ``recompute_logits`` forward keeps only the log-sum-exp and
+backward recomputes the logits over chunks of vocabulary rows (each chunk's weight gradient is then one matmul):
+one more matmul for none of that memory, for long sequences. The softmax is fp32 whatever the input dtype
+(matmuls run in the input dtype with fp32 accumulation); on GPUs each chunk's softmax passes are fused kernels
+(ops/compile.py) that read the logits in the matmul's dtype once.
 
 Under TP the input must enter through ``copy_to_tensor_model_parallel_region`` (as megatron's ColumnParallelLinear
 does): this op returns each rank's partial input gradient and that region all-reduces it.
@@ -37,6 +39,13 @@ def _spans(length: int, other: int, chunk_elements: int | None):
     """[start, end) spans of ``length`` such that span x ``other`` holds at most ``chunk_elements`` elements."""
     size = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(other, 1))
     return [(s, min(s + size, length)) for s in range(0, length, size)]
+
+
+def _row_spans(rows: int, tokens: int, chunk_elements: int | None):
+    """[start, end) spans of ``rows`` vocabulary rows, each a multiple of ALIGN_ROWS long (but the last), such that
+    a span x ``tokens`` holds at most ``chunk_elements`` elements (at least ALIGN_ROWS rows)."""
+    size = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(tokens, 1)) // ALIGN_ROWS * ALIGN_ROWS or ALIGN_ROWS
+    return [(s, min(s + size, rows)) for s in range(0, rows, size)]
 
 
 def _local_target(labels, vocab_start: int, real_rows: int):
@@ -75,7 +84,7 @@ def _grad_logits(logits, lse, local, here, valid: int):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, vocab_start, vocab_size, group, chunk_elements, needs_grad):
+    def forward(ctx, hidden, weight, labels, vocab_start, vocab_size, group, chunk_elements, keep_grad_logits):
         n, local_vocab = hidden.shape[0], weight.shape[0]
         real = min(max(vocab_size - vocab_start, 0), local_vocab)  # this rank's rows past it are padding
         # The rows multiplied: the real ones rounded up to a multiple of ALIGN_ROWS (the rounding masked), since
@@ -85,7 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         local, here = _local_target(labels, vocab_start, real)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         target = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        grad_logits = torch.empty(n, span, dtype=hidden.dtype, device=hidden.device) if needs_grad else None
+        grad_logits = torch.empty(n, span, dtype=hidden.dtype, device=hidden.device) if keep_grad_logits else None
         for s, e in _spans(n, local_vocab, chunk_elements):  # the same spans on every rank: all-reduces pair up
             logits = hidden[s:e] @ weight[:span].t()
             target[s:e], peak = _target_and_peak(logits, local[s:e], here[s:e], real)
@@ -95,33 +104,46 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if group is not None:
                 dist.all_reduce(sum_exp, group=group)
             lse[s:e] = sum_exp.log_() + peak
-            if needs_grad:
+            if keep_grad_logits:
                 grad_logits[s:e] = _grad_logits(logits, lse[s:e], local[s:e], here[s:e], real)
         if group is not None:
             dist.all_reduce(target, group=group)
-        ctx.save_for_backward(hidden, weight, grad_logits)
+        ctx.save_for_backward(hidden, weight, grad_logits, lse, local, here)
+        ctx.span, ctx.real, ctx.chunk_elements = span, real, chunk_elements
         return lse - target
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, grad_logits = ctx.saved_tensors
-        span = grad_logits.shape[1]
+        hidden, weight, grad_logits, lse, local, here = ctx.saved_tensors
+        span = ctx.span
         scale = grad_loss.float()[:, None]
         # Each token's incoming gradient scales a row of grad_logits: applied to the [tokens, h] side of each matmul.
-        grad_hidden = ((grad_logits @ weight[:span]).float() * scale).to(hidden.dtype)
+        scaled_hidden = (hidden.float() * scale).to(hidden.dtype)
         grad_weight = torch.empty_like(weight)
-        torch.mm(grad_logits.t(), (hidden.float() * scale).to(hidden.dtype), out=grad_weight[:span])
         grad_weight[span:].zero_()  # padding rows past the span
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        if grad_logits is not None:
+            grad_hidden = ((grad_logits @ weight[:span]).float() * scale).to(hidden.dtype)
+            torch.mm(grad_logits.t(), scaled_hidden, out=grad_weight[:span])
+            return grad_hidden, grad_weight, None, None, None, None, None, None
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        for r, r_end in _row_spans(span, hidden.shape[0], ctx.chunk_elements):
+            # a label outside rows [r, r_end) matches no column of this chunk: the onehot is zero there
+            rows_grad = _grad_logits(hidden @ weight[r:r_end].t(), lse, local - r, here, min(ctx.real - r, r_end - r))
+            grad_hidden += rows_grad @ weight[r:r_end]
+            torch.mm(rows_grad.t(), scaled_hidden, out=grad_weight[r:r_end])
+        return (grad_hidden * scale).to(hidden.dtype), grad_weight, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                         vocab_start: int = 0, group=None, chunk_elements: int | None = None) -> torch.Tensor:
+                         vocab_start: int = 0, group=None, chunk_elements: int | None = None,
+                         recompute_logits: bool = False) -> torch.Tensor:
     """Per-token loss [N] (fp32) of ``hidden`` [N, h] against ``labels`` [N], logits ``hidden @ weight.T``.
 
     ``weight`` [V_local, h] holds vocabulary rows ``vocab_start ..``; ``group`` is the tensor-parallel group the
     vocabulary is split over (None: one rank); ``vocab_size`` is the real vocabulary (later rows are padding);
-    ``chunk_elements``: logits per chunk of tokens (default ``CHUNK_ELEMENTS``).
+    ``chunk_elements``: logits per chunk of tokens, and of vocabulary rows in a recomputing backward (default
+    ``CHUNK_ELEMENTS``); ``recompute_logits``: keep no ``softmax - onehot`` (2 bytes per token and row), recompute
+    the logits in backward instead.
     """
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [N, h] and labels [N]; got {tuple(hidden.shape)} and "
@@ -134,7 +156,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     # (evaluation of parameters that require grad), where keeping softmax - onehot would waste its memory.
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden, weight, labels, vocab_start, vocab_size, group, chunk_elements,
-                                     needs_grad)
+                                     needs_grad and not recompute_logits)
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssd-backend", default="auto", help="Mamba2 scan: auto, mamba_ssm, fla, torch, torch_compile")
     g.add_argument("--delta-rule-backend", default="auto", help="DeltaNet: auto, fla, torch")
     g.add_argument("--recompute-activations", action="store_true", help="recompute each layer in backward")
+    g.add_argument("--recompute-logits", action="store_true",
+                   help="recompute the output layer's logits in backward instead of keeping softmax - onehot (2 "
+                        "bytes per token and vocabulary row: 7.3 GiB at 29696 tokens of a 131072 vocabulary); one "
+                        "more output-layer matmul")
     g.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"],
                    help="layer specs: local (megatron + torch SDPA) or Transformer Engine's linears, norms and "
                         "attention (not yet exercised by our tests: no TE on our machines)")

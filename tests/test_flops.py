@@ -1,0 +1,39 @@
+"""megatron_flash.flops, the FLOP count behind the trainer's MFU, against torch's FlopCounterMode on the real model
+for the terms that are exact matmul counts (projections, FFN, output layer): plain training, recomputed layers and
+recomputed logits. The chunked DeltaNet/Mamba2 and causal-attention terms are formulas of the algorithm, not of
+one implementation, and are not compared here."""
+
+import pytest
+import torch
+
+from megatron_flash.testing import run_distributed
+
+SEQ, BATCH = 12, 2
+
+
+def _counted_and_formula(recompute_layers, recompute_logits):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_flash import flops
+    from megatron_flash.models import builder
+
+    spec = builder.resolve("tiny", layer_pattern="FF", use_cpu_initialization=True, vocab_size=256,
+                           recompute_logits=recompute_logits,
+                           **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+                              if recompute_layers else {}))
+    model = builder.build_model(spec, SEQ)
+    tokens = torch.randint(0, 256, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens[:, :-1], labels=tokens[:, 1:]).float().mean().backward()
+    per_token = flops.train_flops_per_token(spec.config, model.padded_vocab_size, SEQ, recompute_layers,
+                                            recompute_logits)
+    assert spec.config.num_meta_tokens > 0  # the layers' share of the meta positions is part of the count
+    return counter.get_total_flops(), per_token * BATCH * SEQ
+
+
+@pytest.mark.parametrize("recompute_layers,recompute_logits", [(False, False), (True, False), (False, True),
+                                                               (True, True)])
+def test_train_flops_equal_the_counted_matmuls(recompute_layers, recompute_logits):
+    counted, formula = run_distributed(_counted_and_formula, world_size=1, args=(recompute_layers,
+                                                                                  recompute_logits))[0]
+    assert counted == pytest.approx(formula, rel=1e-9)
