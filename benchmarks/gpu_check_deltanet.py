@@ -233,7 +233,7 @@ def timings(params: dict, device, use_fla: bool, warmup: int, repeats: int) -> l
     batch, length = params["batch"], params["length"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = f"B{batch} T{length} H{heads} d{head_dim}"
-    rows = []
+    rows = REPORT.rows("timing")  # saved at every row: a call cut short keeps what was timed
 
     def record(name, step, n_repeats=repeats, n_warmup=warmup):
         log(f"timing {name} ...")
@@ -241,8 +241,6 @@ def timings(params: dict, device, use_fla: bool, warmup: int, repeats: int) -> l
         tokens = batch * length
         rows.append(dict(name=name, shape=shape, tokens_per_s=tokens / result["ms"] * 1e3, **result))
         log(f"  {result['ms']:.2f} ms, peak {result['peak_gib']} GiB")
-        REPORT["timing"] = rows
-        REPORT.save()
 
     g = torch.Generator(device="cpu").manual_seed(2)
     x = torch.randn(length, batch, hidden, generator=g).to(device, dtype).requires_grad_()

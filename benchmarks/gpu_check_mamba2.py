@@ -59,32 +59,45 @@ def run_scan(fn, inputs: dict, dy: torch.Tensor, backward: bool, **kwargs):
     return y.detach(), ({k: leaves[k].grad for k in SCAN_INPUTS} if backward else {})
 
 
+def accuracy_row(row: dict, fn, inputs: dict, dy, reference: tuple, backward: bool, **kwargs) -> dict:
+    """``row`` with the relative errors of ``fn``'s y (and gradients when ``backward``) against ``reference`` =
+    (y, grads); a failure is recorded in the row's note, since a backend failing is a result to report."""
+    y_ref, grads_ref = reference
+    try:
+        y, grads = run_scan(fn, inputs, dy, backward, **kwargs)
+        row["y"] = relative_error(y, y_ref)
+        row.update({f"d{k}": relative_error(g, grads_ref[k]) for k, g in grads.items()})
+    except Exception as exc:  # noqa: BLE001
+        row["note"] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+        traceback.print_exc()
+    print("accuracy", row, flush=True)
+    return row
+
+
+def _backend_rows(rows, backends, device, fla_reason, dy, reference, **kwargs) -> None:
+    """One row per (backend, inputs, label) of ``backends``, through ``ssd_scan``; fla forward only where its
+    backward is refused here, skipped without CUDA."""
+    for backend, inputs, label in backends:
+        row = dict(backend=backend, inputs=label)
+        if backend == "fla" and device.type != "cuda":
+            rows.append({**row, "note": "skipped: fla's Triton kernels need CUDA"})
+            continue
+        backward = not (backend == "fla" and fla_reason)
+        if not backward:
+            row["note"] = "forward only: " + fla_reason
+        rows.append(accuracy_row(row, ssd_scan, inputs, dy, reference, backward, backend=backend, **kwargs))
+
+
 def accuracy(cfg, device, rows: list) -> None:
     """Appends one row per backend and input kind to ``rows``."""
     s = cfg["scan"]
     fp32 = scan_inputs(s["batch"], s["length"], s["heads"], s["head_dim"], s["state_dim"], device)
     dy = torch.randn(fp32["x"].shape, generator=torch.Generator().manual_seed(1)).to(device)
-    y_ref, grads_ref = run_scan(ssd_reference, fp32, dy, backward=True)
+    reference = run_scan(ssd_reference, fp32, dy, backward=True)
     bf16 = {k: (v.bfloat16() if k in ("x", "Bm", "Cm") else v) for k, v in fp32.items()}
     fla_reason = fla_backward_unsupported_reason(s["state_dim"]) if device.type == "cuda" else None
-    for backend, inputs, dtype in (("torch", fp32, "fp32"), ("torch", bf16, "bf16"),
-                                   ("torch_compile", bf16, "bf16"), ("fla", bf16, "bf16")):
-        row = dict(backend=backend, inputs=dtype)
-        if backend == "fla" and device.type != "cuda":
-            rows.append({**row, "note": "skipped: fla's Triton kernels need CUDA"})
-            continue
-        backward = not (backend == "fla" and fla_reason)
-        try:
-            y, grads = run_scan(ssd_scan, inputs, dy, backward, chunk_size=s["chunk"], backend=backend)
-            row["y"] = relative_error(y, y_ref)
-            row.update({f"d{k}": relative_error(g, grads_ref[k]) for k, g in grads.items()})
-            if not backward:
-                row["note"] = "forward only: " + fla_reason
-        except Exception as exc:  # noqa: BLE001 - a backend failing is a result to report
-            row["note"] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
-            traceback.print_exc()
-        rows.append(row)
-        print("accuracy", row, flush=True)
+    _backend_rows(rows, (("torch", fp32, "fp32"), ("torch", bf16, "bf16"), ("torch_compile", bf16, "bf16"),
+                         ("fla", bf16, "bf16")), device, fla_reason, dy, reference, chunk_size=s["chunk"])
     packed_accuracy(cfg, device, fla_reason, rows)
     if device.type == "cuda" and ssd._fla_has_640_bug():
         rows.append(fla_640_probe(cfg, device))
@@ -97,20 +110,12 @@ def fla_640_probe(cfg, device) -> dict:
     s = {**cfg["scan"], "state_dim": 64}
     fp32 = scan_inputs(s["batch"], s["length"], s["heads"], s["head_dim"], s["state_dim"], device, seed=4)
     dy = torch.randn(fp32["x"].shape, generator=torch.Generator().manual_seed(5)).to(device)
-    y_ref, grads_ref = run_scan(ssd_reference, fp32, dy, backward=True)
+    reference = run_scan(ssd_reference, fp32, dy, backward=True)
     bf16 = {k: (v.bfloat16() if k in ("x", "Bm", "Cm") else v) for k, v in fp32.items()}
-    row = dict(backend="fla", inputs="bf16, state 64, #640's refusal lifted")
     unchecked = lambda x, dt, A, Bm, Cm, D, initial_state: ssd._ssd_fla(  # noqa: E731
         x, dt, A, Bm, Cm, D, initial_state, False, None)
-    try:
-        y, grads = run_scan(unchecked, bf16, dy, backward=True)
-        row["y"] = relative_error(y, y_ref)
-        row.update({f"d{k}": relative_error(g, grads_ref[k]) for k, g in grads.items()})
-    except Exception as exc:  # noqa: BLE001
-        row["note"] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
-        traceback.print_exc()
-    print("accuracy", row, flush=True)
-    return row
+    return accuracy_row(dict(backend="fla", inputs="bf16, state 64, #640's refusal lifted"), unchecked, bf16, dy,
+                        reference, backward=True)
 
 
 def packed_accuracy(cfg, device, fla_reason, rows: list) -> None:
@@ -122,26 +127,11 @@ def packed_accuracy(cfg, device, fla_reason, rows: list) -> None:
     fp32["initial_state"] = 0.1 * torch.randn(3, *fp32["initial_state"].shape[1:], device=device)
     cu_seqlens = torch.tensor(bounds, device=device)
     dy = torch.randn(fp32["x"].shape, generator=torch.Generator().manual_seed(3)).to(device)
-    y_ref, grads_ref = run_scan(ssd_reference, fp32, dy, backward=True, cu_seqlens=cu_seqlens)
+    reference = run_scan(ssd_reference, fp32, dy, backward=True, cu_seqlens=cu_seqlens)
     bf16 = {k: (v.bfloat16() if k in ("x", "Bm", "Cm") else v) for k, v in fp32.items()}
-    for backend in ("torch_compile", "fla"):
-        row = dict(backend=backend, inputs="bf16, 3 packed documents")
-        if backend == "fla" and device.type != "cuda":
-            rows.append({**row, "note": "skipped: fla's Triton kernels need CUDA"})
-            continue
-        backward = not (backend == "fla" and fla_reason)
-        try:
-            y, grads = run_scan(ssd_scan, bf16, dy, backward, chunk_size=s["chunk"], backend=backend,
-                                cu_seqlens=cu_seqlens)
-            row["y"] = relative_error(y, y_ref)
-            row.update({f"d{k}": relative_error(g, grads_ref[k]) for k, g in grads.items()})
-            if not backward:
-                row["note"] = "forward only"
-        except Exception as exc:  # noqa: BLE001
-            row["note"] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
-            traceback.print_exc()
-        rows.append(row)
-        print("accuracy", row, flush=True)
+    label = "bf16, 3 packed documents"
+    _backend_rows(rows, (("torch_compile", bf16, label), ("fla", bf16, label)), device, fla_reason, dy, reference,
+                  chunk_size=s["chunk"], cu_seqlens=cu_seqlens)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -43,6 +43,23 @@ def _outputs_and_grads(fn, tensors, **kwargs):
     return y.detach(), final.detach(), grads
 
 
+def _bf16_rounded(t64, device="cpu"):
+    """Round x, B, C of fp64 inputs to bf16 in place (the rounding is part of the input: the fp64 reference then
+    sees the same values) and return the inputs as the mixer feeds them: x, B, C bf16, the rest fp32, on device."""
+    with torch.no_grad():
+        for name in ("x", "Bm", "Cm"):
+            t64[name].copy_(t64[name].bfloat16().double())
+    return {k: (v.detach().to(device, torch.bfloat16 if k in ("x", "Bm", "Cm") else torch.float32).requires_grad_()
+                if v is not None else None) for k, v in t64.items()}
+
+
+def _relative_errors(got, want) -> dict:
+    """||got - want|| / ||want|| of y, the final states and every gradient (got may live on another device)."""
+    (y, final, grads), (y_ref, final_ref, grads_ref) = got, want
+    return {"y": relative_error(y.cpu(), y_ref), "final": relative_error(final.cpu(), final_ref),
+            **{f"d{k}": relative_error(g.cpu(), grads_ref[k]) for k, g in grads.items()}}
+
+
 def _assert_match(got, want, rtol, atol):
     (y, final, grads), (y_ref, final_ref, grads_ref) = got, want
     torch.testing.assert_close(y, y_ref.to(y.dtype), rtol=rtol, atol=atol, msg=lambda m: f"y: {m}")
@@ -185,19 +202,13 @@ def test_bf16_inputs_contract_in_bf16_within_bf16_error(cu_seqlens):
     batch = 1 if cu_seqlens else 2
     cu = torch.tensor(cu_seqlens) if cu_seqlens else None
     t64 = _inputs(batch, 161, 4, 16, 1, 32, with_initial=True, sequences=3 if cu_seqlens else None)
-    with torch.no_grad():  # the bf16 rounding is part of the input: the reference sees the same values
-        for name in ("x", "Bm", "Cm"):
-            t64[name].copy_(t64[name].bfloat16().double())
-    half = {k: (v.detach().to(torch.bfloat16 if k in ("x", "Bm", "Cm") else torch.float32).requires_grad_()
-                if v is not None else None) for k, v in t64.items()}
+    half = _bf16_rounded(t64)
     want = _outputs_and_grads(ssd_reference, t64, cu_seqlens=cu)
     with OpTrace() as trace:
         got = _outputs_and_grads(ssd_scan, half, chunk_size=32, cu_seqlens=cu, backend="torch")
     assert trace.tensor_dtypes(*MATMULS) == {torch.bfloat16}
-    (y, final, grads), (y_ref, final_ref, grads_ref) = got, want
-    assert y.dtype == torch.bfloat16 and final.dtype == torch.float32
-    errors = {"y": relative_error(y, y_ref), "final": relative_error(final, final_ref),
-              **{f"d{k}": relative_error(g, grads_ref[k]) for k, g in grads.items()}}
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    errors = _relative_errors(got, want)
     assert max(errors.values()) < 1.5e-2, errors
     fp32 = {k: (v.detach().float().requires_grad_() if v is not None else None) for k, v in t64.items()}
     with OpTrace() as trace:
@@ -208,16 +219,9 @@ def test_bf16_inputs_contract_in_bf16_within_bf16_error(cu_seqlens):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the SSD is checked on the GPU")
 def test_torch_compile_bf16_within_bf16_error():
     t64 = _inputs(2, 161, 4, 16, 1, 32, with_initial=True)
-    with torch.no_grad():
-        for name in ("x", "Bm", "Cm"):
-            t64[name].copy_(t64[name].bfloat16().double())
-    half = {k: (v.detach().to("cuda", torch.bfloat16 if k in ("x", "Bm", "Cm") else torch.float32).requires_grad_()
-                if v is not None else None) for k, v in t64.items()}
-    (y, final, grads), (y_ref, final_ref, grads_ref) = (
-        _outputs_and_grads(ssd_scan, half, chunk_size=32, backend="torch_compile"),
-        _outputs_and_grads(ssd_reference, t64))
-    errors = {"y": relative_error(y.cpu(), y_ref), "final": relative_error(final.cpu(), final_ref),
-              **{f"d{k}": relative_error(g.cpu(), grads_ref[k]) for k, g in grads.items()}}
+    half = _bf16_rounded(t64, "cuda")
+    errors = _relative_errors(_outputs_and_grads(ssd_scan, half, chunk_size=32, backend="torch_compile"),
+                              _outputs_and_grads(ssd_reference, t64))
     assert max(errors.values()) < 1.5e-2, errors
 
 
@@ -261,14 +265,8 @@ def test_fla_trains_within_bf16_error(cu_seqlens):
     batch = 1 if cu_seqlens else 2
     cu = torch.tensor(cu_seqlens) if cu_seqlens else None
     t64 = _inputs(batch, 333, 4, 64, 1, 128, with_initial=True, sequences=3 if cu_seqlens else None)
-    with torch.no_grad():
-        for name in ("x", "Bm", "Cm"):
-            t64[name].copy_(t64[name].bfloat16().double())
-    half = {k: (v.detach().to("cuda", torch.bfloat16 if k in ("x", "Bm", "Cm") else torch.float32).requires_grad_()
-                if v is not None else None) for k, v in t64.items()}
-    (y, final, grads), (y_ref, final_ref, grads_ref) = (
+    half = _bf16_rounded(t64, "cuda")
+    errors = _relative_errors(
         _outputs_and_grads(ssd_scan, half, cu_seqlens=None if cu is None else cu.cuda(), backend="fla"),
         _outputs_and_grads(ssd_reference, t64, cu_seqlens=cu))
-    errors = {"y": relative_error(y.cpu(), y_ref), "final": relative_error(final.cpu(), final_ref),
-              **{f"d{k}": relative_error(g.cpu(), grads_ref[k]) for k, g in grads.items()}}
     assert max(errors.values()) < 1.5e-2, errors
