@@ -1,17 +1,19 @@
 """Mamba2 on a GPU: SSD backend accuracy in bf16, then Mamba2Mixer speed and memory at the 1B shape.
 
-1. Accuracy: the backends ``torch``, ``torch_compile`` and ``fla`` on bf16 activations (x, B, C in bf16; dt, A, D in
-   fp32, as the mixer feeds them) against the sequential fp32 reference ``ssd_reference``: relative error
+1. Accuracy: the backends ``torch``, ``torch_compile``, ``fla`` and ``mamba_ssm`` on bf16 activations (x, B, C in
+   bf16; dt, A, D in fp32, as the mixer feeds them) against the sequential fp32 reference ``ssd_reference``: relative error
    ||got - ref|| / ||ref|| of y and, where the backend can run backward here, of the gradients of x, dt, A, B, C, D.
    Also ``torch`` on fp32 inputs (should sit at fp32 rounding). B=2, T=1000 (not a multiple of the chunk), H=8,
    P=64, N=128, one group, an initial state. On Hopper with 3.4 <= triton < 3.7.1 also fla's backward at N=64 with
    fla #640's refusal lifted: key blocks of 64, the miscompile's condition (see ``ops/ssd.py``).
 2. Speed: forward+backward time (CUDA events, warm-up, median) and peak memory of the SSD scan alone and of one
    Mamba2Mixer at the 1B shape (hidden 2048, P=64, N=128, expand 2: 64 heads), micro-batch 8 x 4096 tokens, bf16,
-   for ``torch``, ``torch_compile`` and ``fla`` (forward only where its backward is refused).
+   for ``torch``, ``torch_compile``, ``fla`` (forward only where its backward is refused) and ``mamba_ssm`` where
+   it is installed.
 
     python benchmarks/gpu_check_mamba2.py            # one GPU; writes $OUT/mamba2_gpu.json when OUT is set
     python benchmarks/gpu_check_mamba2.py --smoke    # tiny sizes, runs on CPU: checks that the script works
+    python benchmarks/gpu_check_mamba2.py --skip-accuracy --backends mamba_ssm --chunk-sizes 64,128,256
 """
 
 from __future__ import annotations
@@ -74,13 +76,23 @@ def accuracy_row(row: dict, fn, inputs: dict, dy, reference: tuple, backward: bo
     return row
 
 
+def unavailable_reason(backend: str, device) -> str | None:
+    """Why ``backend`` cannot run here (None when it can): fla and mamba_ssm are Triton kernels."""
+    if backend in ("fla", "mamba_ssm") and device.type != "cuda":
+        return f"{backend}'s Triton kernels need CUDA"
+    if backend == "mamba_ssm" and not ssd.mamba_ssm_available():
+        return "mamba_ssm is not installed"
+    return None
+
+
 def _backend_rows(rows, backends, device, fla_reason, dy, reference, **kwargs) -> None:
     """One row per (backend, inputs, label) of ``backends``, through ``ssd_scan``; fla forward only where its
-    backward is refused here, skipped without CUDA."""
+    backward is refused here; skipped where the backend cannot run."""
     for backend, inputs, label in backends:
         row = dict(backend=backend, inputs=label)
-        if backend == "fla" and device.type != "cuda":
-            rows.append({**row, "note": "skipped: fla's Triton kernels need CUDA"})
+        reason = unavailable_reason(backend, device)
+        if reason:
+            rows.append({**row, "note": "skipped: " + reason})
             continue
         backward = not (backend == "fla" and fla_reason)
         if not backward:
@@ -97,7 +109,8 @@ def accuracy(cfg, device, rows: list) -> None:
     bf16 = {k: (v.bfloat16() if k in ("x", "Bm", "Cm") else v) for k, v in fp32.items()}
     fla_reason = fla_backward_unsupported_reason(s["state_dim"]) if device.type == "cuda" else None
     _backend_rows(rows, (("torch", fp32, "fp32"), ("torch", bf16, "bf16"), ("torch_compile", bf16, "bf16"),
-                         ("fla", bf16, "bf16")), device, fla_reason, dy, reference, chunk_size=s["chunk"])
+                         ("fla", bf16, "bf16"), ("mamba_ssm", bf16, "bf16")), device, fla_reason, dy, reference,
+                  chunk_size=s["chunk"])
     packed_accuracy(cfg, device, fla_reason, rows)
     if device.type == "cuda" and ssd._fla_has_640_bug():
         rows.append(fla_640_probe(cfg, device))
@@ -119,7 +132,8 @@ def fla_640_probe(cfg, device) -> dict:
 
 
 def packed_accuracy(cfg, device, fla_reason, rows: list) -> None:
-    """Three packed documents (one of a single token) with per-document initial states, batch 1."""
+    """Three packed documents (one of a single token) with per-document initial states, batch 1 (mamba_ssm takes
+    no per-document initial states: tests/test_ssd.py checks its packed documents without them)."""
     s = cfg["scan"]
     length = s["length"]
     bounds = [0, length // 3, length // 3 + 1, length]
@@ -153,8 +167,8 @@ def measure(step, device, warmup, iters) -> dict:
     return dict(ms=statistics.median(times), peak_gib=peak)
 
 
-def _timed(rows, name, backend, mode, step, device, cfg):
-    row = dict(what=name, backend=backend, mode=mode)
+def _timed(rows, name, backend, mode, step, device, cfg, chunk):
+    row = dict(what=name, backend=backend, mode=mode, chunk=chunk)
     try:
         row.update(measure(step, device, cfg["warmup"], cfg["iters"]))
     except Exception as exc:  # noqa: BLE001 - OOM or a refused backend is a result to report
@@ -166,7 +180,9 @@ def _timed(rows, name, backend, mode, step, device, cfg):
     print("timing", row, flush=True)
 
 
-def timings(cfg, device, rows: list) -> None:
+def timings(cfg, device, rows: list, only: list[str] | None = None, chunk_sizes: list[int] | None = None) -> None:
+    """Time the scan and the layer for every backend that can run here (``only``: those named), at the config's
+    chunk size or at each of ``chunk_sizes``."""
     from megatron_flash.config import make_config
     from megatron_flash.layers.base import MixerInputs
     from megatron_flash.models.specs import mixer_spec
@@ -176,24 +192,25 @@ def timings(cfg, device, rows: list) -> None:
     fla_reason = fla_backward_unsupported_reason(L["state_dim"]) if device.type == "cuda" else "needs CUDA"
     backends = [("torch", "fwd+bwd"), ("torch_compile", "fwd+bwd"), ("torch", "fwd"), ("torch_compile", "fwd")]
     backends.append(("fla", "fwd") if fla_reason else ("fla", "fwd+bwd"))
-    if device.type != "cuda":
-        backends = [b for b in backends if b[0] != "fla"]
+    backends += [("mamba_ssm", "fwd+bwd"), ("mamba_ssm", "fwd")]
+    backends = [b for b in backends if unavailable_reason(b[0], device) is None and (not only or b[0] in only)]
+    backends = [(backend, mode, chunk) for backend, mode in backends for chunk in (chunk_sizes or [L["chunk"]])]
 
     # the scan alone, at the layer's per-GPU shape
     heads = 2 * L["hidden"] // L["head_dim"]
     scan = scan_inputs(L["batch"], L["length"], heads, L["head_dim"], L["state_dim"], device)
     scan = {k: (v.bfloat16() if k in ("x", "Bm", "Cm") else v) for k, v in scan.items()}
-    for backend, mode in backends:
+    for backend, mode, chunk in backends:
         torch._dynamo.reset()  # a fresh, static-shape compile for each measured shape
         leaves = {k: v.detach().requires_grad_(mode == "fwd+bwd" and k in SCAN_INPUTS) for k, v in scan.items()}
         dy = torch.randn_like(leaves["x"])
 
-        def scan_step(backend=backend, mode=mode, leaves=leaves, dy=dy):
+        def scan_step(backend=backend, mode=mode, chunk=chunk, leaves=leaves, dy=dy):
             with torch.set_grad_enabled(mode == "fwd+bwd"):
-                y, _ = ssd_scan(*(leaves[k] for k in SCAN_INPUTS), chunk_size=L["chunk"], backend=backend)
+                y, _ = ssd_scan(*(leaves[k] for k in SCAN_INPUTS), chunk_size=chunk, backend=backend)
                 if mode == "fwd+bwd":
                     y.backward(dy)
-        _timed(rows, "ssd_scan", backend, mode, scan_step, device, cfg)
+        _timed(rows, "ssd_scan", backend, mode, scan_step, device, cfg, chunk)
     del scan
 
     # one Mamba2 layer
@@ -204,9 +221,9 @@ def timings(cfg, device, rows: list) -> None:
     mixer = build_module(mixer_spec("M"), config=config, layer_number=1).to(device)
     x = torch.randn(L["length"], L["batch"], L["hidden"], device=device, dtype=torch.bfloat16, requires_grad=True)
     dout = torch.randn_like(x)
-    for backend, mode in backends:
+    for backend, mode, chunk in backends:
         torch._dynamo.reset()
-        config.ssd_backend = backend
+        config.ssd_backend, config.mamba_chunk_size = backend, chunk
 
         def layer_step(mode=mode):
             with torch.set_grad_enabled(mode == "fwd+bwd"):
@@ -215,7 +232,7 @@ def timings(cfg, device, rows: list) -> None:
                     out.backward(dout)
                     mixer.zero_grad(set_to_none=True)
                     x.grad = None
-        _timed(rows, "Mamba2Mixer", backend, mode, layer_step, device, cfg)
+        _timed(rows, "Mamba2Mixer", backend, mode, layer_step, device, cfg, chunk)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -236,17 +253,23 @@ def print_tables(result):
               + "  " + r.get("note", ""))
     L = result["config"]["layer"]
     print(f"\n== time and peak memory (batch {L['batch']} x {L['length']}, hidden {L['hidden']}, bf16) ==")
-    print(f"{'what':<12} {'backend':<14} {'mode':<8} {'ms':>9} {'peak GiB':>9}  note")
+    print(f"{'what':<12} {'backend':<14} {'mode':<8} {'chunk':>5} {'ms':>9} {'peak GiB':>9}  note")
     for r in result["timing"]:
         ms = f"{r['ms']:.2f}" if "ms" in r else "-"
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
-        print(f"{r['what']:<12} {r['backend']:<14} {r['mode']:<8} {ms:>9} {peak:>9}  {r.get('note', '')}")
+        print(f"{r['what']:<12} {r['backend']:<14} {r['mode']:<8} {r['chunk']:>5} {ms:>9} {peak:>9}  "
+              f"{r.get('note', '')}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU")
     parser.add_argument("--skip-timing", action="store_true", help="accuracy only")
+    parser.add_argument("--skip-accuracy", action="store_true", help="timing only")
+    parser.add_argument("--backends", type=lambda v: v.split(","), default=None,
+                        help="comma-separated backends to time (default: every one that runs here)")
+    parser.add_argument("--chunk-sizes", type=lambda v: [int(c) for c in v.split(",")], default=None,
+                        help="comma-separated SSD chunk sizes to time (default: the config's)")
     args = parser.parse_args()
     cfg = SMOKE if args.smoke else FULL
     runtime.initialize()
@@ -263,10 +286,12 @@ def main():
         pass
     result["fla_backward"] = ((fla_backward_unsupported_reason(cfg["scan"]["state_dim"]) or "supported")
                               if device.type == "cuda" else "n/a")
-    accuracy(cfg, device, result.rows("accuracy"))  # each row is saved as it comes: a time limit loses nothing
+    accuracy_rows = result.rows("accuracy")  # each row is saved as it comes: a time limit loses nothing
+    if not args.skip_accuracy:
+        accuracy(cfg, device, accuracy_rows)
     timing = result.rows("timing")
     if not args.skip_timing:
-        timings(cfg, device, timing)
+        timings(cfg, device, timing, args.backends, args.chunk_sizes)
     print_tables(result)
     result.save()
     if result.path:

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import time
 import traceback
 
@@ -22,6 +23,7 @@ from megatron_flash.testing import median_ms
 
 SMOKE = False
 SSD_BACKEND = "auto"  # --ssd-backend: the Mamba2 scan of the training sections
+TRAIN_ARGS: list[str] = []  # --train-args: more pretrain flags for the training sections
 
 
 def out_path(args):
@@ -113,13 +115,14 @@ def section_train(preset, micro_batch, iters=8, extra=(), profile_dir=None):
     argv = ["--mock-data", "--preset", "tiny" if SMOKE else preset, "--seq-length", str(seq),
             "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch),
             "--train-iters", str(iters), "--log-interval", str(iters // 2), "--eval-iters", "0",
-            "--lr", "1e-3", "--ssd-backend", SSD_BACKEND] + ([] if SMOKE else ["--bf16"]) + list(extra)
+            "--lr", "1e-3", "--ssd-backend", SSD_BACKEND, *([] if SMOKE else ["--bf16"]), *extra, *TRAIN_ARGS]
     if profile_dir:
         argv += ["--profile", "--profile-step-start", str(iters - 2), "--profile-step-end", str(iters),
                  "--profile-dir", profile_dir]
     args = arguments.parse_args(argv, world_size=1)
     result = pretrain.train(args)
-    out = {"preset": preset, "micro_batch": micro_batch, "seq": seq, "ssd_backend": SSD_BACKEND, **result["last_log"],
+    out = {"preset": preset, "micro_batch": micro_batch, "seq": seq, "ssd_backend": SSD_BACKEND,
+           "train_args": " ".join(TRAIN_ARGS), **result["last_log"],
            "flops_per_token": result["flops_per_token"], "final_losses": result["losses"][-2:]}
     if profile_dir:
         out["profile"] = result["profile"]
@@ -223,7 +226,7 @@ PEAK = 0.0
 
 
 def main():
-    global SMOKE, PEAK, SSD_BACKEND
+    global SMOKE, PEAK, SSD_BACKEND, TRAIN_ARGS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="runtime,layers,train_1b_mbs4,train_no_weight_norm_1b_mbs4,"
                                          "profile_1b_mbs4,train_3b_mbs2,gpt_mbs2,fla_mbs4",
@@ -234,9 +237,12 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--ssd-backend", default="auto", help="Mamba2 scan of the training sections (as pretrain's flag)")
+    p.add_argument("--train-args", default="",
+                   help="more pretrain flags for the training sections, one string, e.g. '--recompute-logits'")
     args = p.parse_args()
     SMOKE = args.smoke
     SSD_BACKEND = args.ssd_backend
+    TRAIN_ARGS = shlex.split(args.train_args)
     if not args.in_process:
         return run_sections_in_subprocesses(args)
     from megatron_flash import runtime
@@ -281,7 +287,7 @@ def run_sections_in_subprocesses(args):
 
     for name in args.sections.split(","):
         cmd = [sys.executable, __file__, "--in-process", "--sections", name, "--out", args.out,
-               "--ssd-backend", args.ssd_backend] + (["--smoke"] if args.smoke else [])
+               "--ssd-backend", args.ssd_backend, "--train-args", args.train_args, *(["--smoke"] if args.smoke else [])]
         code = subprocess.call(cmd)
         if code:
             print(f"== {name}: process exited with {code}", flush=True)

@@ -39,7 +39,8 @@ def build_model_and_optimizer(args, vocab_size: int):
     spec = builder.resolve(
         arguments.model_preset(args), args.pattern,
         **{k: v for k, v in dict(
-            num_meta_tokens=args.num_meta_tokens, sliding_window=args.sliding_window).items() if v is not None},
+            num_meta_tokens=args.num_meta_tokens, sliding_window=args.sliding_window,
+            mamba_chunk_size=args.mamba_chunk_size).items() if v is not None},
         vocab_size=vocab_size, tie_embeddings=not args.untie_embeddings,
         sequence_parallel=args.sequence_parallel, ssd_backend=args.ssd_backend,
         delta_rule_backend=args.delta_rule_backend, bf16=args.bf16,

@@ -26,6 +26,7 @@ def test_smoke_run_reports_accuracy_and_timing(tmp_path):
     for key in (("torch", "bf16"), ("torch_compile", "bf16"), ("torch_compile", "bf16, 3 packed documents")):
         assert max(rows[key][e] for e in ERRORS) < 2e-2, rows[key]
     assert "need CUDA" in rows[("fla", "bf16")]["note"]  # no CUDA here
+    assert "need CUDA" in rows[("mamba_ssm", "bf16")]["note"]
     assert {(r["what"], r["backend"], r["mode"]) for r in report["timing"] if "ms" in r} == {
         (what, backend, mode) for what in ("ssd_scan", "Mamba2Mixer") for backend in ("torch", "torch_compile")
         for mode in ("fwd+bwd", "fwd")}

@@ -30,12 +30,15 @@ def _train(argv, check=False):
     record, configs = [], []
 
     def callback(iteration, model, optimizer):
-        configs.append((model.config.recompute_granularity, model.config.recompute_logits))
+        configs.append(model.config)
         if check:
             _check_step(iteration, model, optimizer, record)
     result = pretrain.train(args, step_callback=callback)
+    config = configs[-1] if configs else None
     return {"losses": result["losses"], "checks": record, "iteration": result["iteration"],
-            "recompute": configs[-1] if configs else None, "flops_per_token": result["flops_per_token"]}
+            "recompute": (config.recompute_granularity, config.recompute_logits) if config else None,
+            "mamba_chunk_size": config.mamba_chunk_size if config else None,
+            "flops_per_token": result["flops_per_token"]}
 
 
 def _run(extra, world=1, tp=1, pp=1, check=False, env=None):
@@ -323,6 +326,14 @@ def test_recomputation_gives_the_same_losses(reference, flag, rtol, recompute):
     assert reference["recompute"] == (None, False) and run["recompute"] == recompute
     assert run["flops_per_token"] > reference["flops_per_token"]
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=rtol, atol=0)
+
+
+def test_mamba_chunk_size_changes_no_loss(reference):
+    """--mamba-chunk-size reaches the config (the tiny preset's is 16) and leaves the losses as they were: the chunked
+    scan is exact at any chunk length (32 positions here: 2 chunks of 16 against 4 of 8)."""
+    run = _run(["--train-iters", "4", "--mamba-chunk-size", "8"])[0]
+    assert reference["mamba_chunk_size"] == 16 and run["mamba_chunk_size"] == 8
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
 
 
 def _train_profiled(argv):

@@ -8,7 +8,8 @@ with head h reading group ``h // (H / G)``, D [H] or None; states [N_seq, H, P, 
 
 :func:`ssd_reference` is that loop, the definition every backend is tested against. :func:`ssd_scan` picks one of:
 
-* ``mamba_ssm``: ``mamba_chunk_scan_combined`` (Triton), where mamba_ssm is built;
+* ``mamba_ssm``: ``mamba_chunk_scan_combined`` (Triton), where mamba_ssm is installed, with or without its CUDA
+  extensions (the SSD does not use them);
 * ``fla``: fla's ``chunk_simple_gla`` with q = C, k = B, v = x dt, log-gate g = A dt (SSD is scalar-decay gated
   linear attention). On Hopper with 3.4 <= triton < 3.7.1 fla refuses the backward of every gated chunk kernel
   (fla issue #640), but the miscompile bisected there needs key blocks of 64 in ``chunk_bwd_dqkwg``; fla tiles
@@ -34,7 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -282,14 +285,33 @@ def _ssd_torch(x, dt, A, Bm, Cm, D, initial_state, output_final_state, cu_seqlen
 # --------------------------------------------------------------------------------------------------------------
 
 
+MAMBA_SSM_SSD_MODULE = "mamba_ssm.ops.triton.ssd_combined"
+
+
 @functools.lru_cache(maxsize=None)
 def _mamba_chunk_scan_combined():
-    """mamba_ssm's fused Triton SSD, or None where mamba_ssm is not built (it cannot import without its CUDA ext)."""
+    """mamba_ssm's fused Triton SSD, or None where mamba_ssm is not installed.
+
+    The SSD is Triton only, but ``mamba_ssm/__init__`` imports the CUDA selective-scan extension, so a source
+    install without the CUDA build (``MAMBA_SKIP_CUDA_BUILD=TRUE``: seconds instead of many minutes) cannot import
+    the package. Then the SSD module is imported under a bare package object that skips that ``__init__``, and the
+    bare object leaves ``sys.modules`` again, so ``import mamba_ssm`` elsewhere fails as it did."""
     try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        return importlib.import_module(MAMBA_SSM_SSD_MODULE).mamba_chunk_scan_combined
     except ImportError:
+        pass
+    spec = importlib.util.find_spec("mamba_ssm")  # a top-level spec: found without running __init__
+    if spec is None or not spec.submodule_search_locations:
         return None
-    return mamba_chunk_scan_combined
+    bare = importlib.util.module_from_spec(spec)
+    sys.modules["mamba_ssm"] = bare
+    try:
+        return importlib.import_module(MAMBA_SSM_SSD_MODULE).mamba_chunk_scan_combined
+    except ImportError:  # e.g. no triton or einops
+        return None
+    finally:
+        if sys.modules.get("mamba_ssm") is bare:
+            del sys.modules["mamba_ssm"]
 
 
 def mamba_ssm_available() -> bool:
@@ -299,8 +321,9 @@ def mamba_ssm_available() -> bool:
 def _ssd_mamba_ssm(x, dt, A, Bm, Cm, D, initial_state, output_final_state, cu_seqlens, chunk_size):
     scan = _mamba_chunk_scan_combined()
     if scan is None:
-        raise RuntimeError("SSD backend 'mamba_ssm' needs mamba_ssm built with its CUDA extensions "
-                           "(pip install mamba-ssm --no-build-isolation); use 'torch_compile' or 'torch' instead")
+        raise RuntimeError("SSD backend 'mamba_ssm' needs mamba_ssm (pip install mamba-ssm --no-build-isolation; "
+                           "MAMBA_SKIP_CUDA_BUILD=TRUE skips the CUDA build, which the SSD does not use); use "
+                           "'torch_compile' or 'torch' instead")
     if cu_seqlens is None:
         out = scan(x, dt, A, Bm, Cm, chunk_size, D=D, initial_states=initial_state,
                    return_final_states=output_final_state)

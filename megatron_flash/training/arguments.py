@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sliding-window", type=int, help="window of 'S' (sliding-window attention) layers")
     g.add_argument("--untie-embeddings", action="store_true", help="separate input embedding and output weights")
     g.add_argument("--ssd-backend", default="auto", help="Mamba2 scan: auto, mamba_ssm, fla, torch, torch_compile")
+    g.add_argument("--mamba-chunk-size", type=int,
+                   help="Mamba2 scan's chunk length (default: the preset's); changes speed, not the result")
     g.add_argument("--delta-rule-backend", default="auto", help="DeltaNet: auto, fla, torch")
     g.add_argument("--recompute-activations", action="store_true", help="recompute each layer in backward")
     g.add_argument("--recompute-logits", action="store_true",
