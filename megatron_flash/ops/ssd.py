@@ -23,7 +23,7 @@ with head h reading group ``h // (H / G)``, D [H] or None; states [N_seq, H, P, 
   fp32 (fp64 for fp64 inputs); the contractions take bf16/fp16 operands when x, B and C come in that dtype, as
   mamba_ssm's kernels do (tensor cores, fp32 accumulation inside each matmul), else the fp32/fp64 ones;
 * ``torch_compile``: the same function under ``torch.compile``, for GPUs without mamba_ssm;
-* ``auto``: mamba_ssm on CUDA when importable, else torch_compile on CUDA, else torch.
+* ``auto``: mamba_ssm on CUDA where it is installed, else torch_compile on CUDA, else torch.
 
 Packed documents (``cu_seqlens``, B = 1) restart the state at every document. The torch backends do them in one
 pass rather than a loop over documents: each document is padded to whole chunks (padding has dt = 0, which neither
