@@ -322,8 +322,8 @@ def _ssd_mamba_ssm(x, dt, A, Bm, Cm, D, initial_state, output_final_state, cu_se
     scan = _mamba_chunk_scan_combined()
     if scan is None:
         raise RuntimeError("SSD backend 'mamba_ssm' needs mamba_ssm (pip install mamba-ssm --no-build-isolation; "
-                           "MAMBA_SKIP_CUDA_BUILD=TRUE skips the CUDA build, which the SSD does not use); use "
-                           "'torch_compile' or 'torch' instead")
+                           "MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE skip the CUDA build, which the SSD does "
+                           "not use); use 'torch_compile' or 'torch' instead")
     if cu_seqlens is None:
         out = scan(x, dt, A, Bm, Cm, chunk_size, D=D, initial_states=initial_state,
                    return_final_states=output_final_state)
