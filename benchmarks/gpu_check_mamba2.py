@@ -1,8 +1,9 @@
 """Mamba2 on a GPU: SSD backend accuracy in bf16, then Mamba2Mixer speed and memory at the 1B shape.
 
 1. Accuracy: the backends ``torch``, ``torch_compile``, ``fla`` and ``mamba_ssm`` on bf16 activations (x, B, C in
-   bf16; dt, A, D in fp32, as the mixer feeds them) against the sequential fp32 reference ``ssd_reference``: relative error
-   ||got - ref|| / ||ref|| of y and, where the backend can run backward here, of the gradients of x, dt, A, B, C, D.
+   bf16; dt, A, D in fp32, as the mixer feeds them) against the sequential fp32 reference ``ssd_reference``:
+   relative error ||got - ref|| / ||ref|| of y and, where the backend can run backward here, of the gradients of x,
+   dt, A, B, C, D.
    Also ``torch`` on fp32 inputs (should sit at fp32 rounding). B=2, T=1000 (not a multiple of the chunk), H=8,
    P=64, N=128, one group, an initial state. On Hopper with 3.4 <= triton < 3.7.1 also fla's backward at N=64 with
    fla #640's refusal lifted: key blocks of 64, the miscompile's condition (see ``ops/ssd.py``).
