@@ -288,16 +288,15 @@ def _ssd_torch(x, dt, A, Bm, Cm, D, initial_state, output_final_state, cu_seqlen
 MAMBA_SSM_SSD_MODULE = "mamba_ssm.ops.triton.ssd_combined"
 
 
-@functools.lru_cache(maxsize=None)
-def _mamba_chunk_scan_combined():
-    """mamba_ssm's fused Triton SSD, or None where mamba_ssm is not installed.
+def import_mamba_ssm_module(name: str):
+    """The module ``name`` of mamba_ssm, or None where mamba_ssm is not installed.
 
-    The SSD is Triton only, but ``mamba_ssm/__init__`` imports the CUDA selective-scan extension, so a source
+    Its SSD is Triton only, but ``mamba_ssm/__init__`` imports the CUDA selective-scan extension, so a source
     install without the CUDA build (``MAMBA_SKIP_CUDA_BUILD=TRUE``: seconds instead of many minutes) cannot import
-    the package. Then the SSD module is imported under a bare package object that skips that ``__init__``, and the
+    the package. Then the module is imported under a bare package object that skips that ``__init__``, and the
     bare object leaves ``sys.modules`` again, so ``import mamba_ssm`` elsewhere fails as it did."""
     try:
-        return importlib.import_module(MAMBA_SSM_SSD_MODULE).mamba_chunk_scan_combined
+        return importlib.import_module(name)
     except ImportError:
         pass
     spec = importlib.util.find_spec("mamba_ssm")  # a top-level spec: found without running __init__
@@ -306,12 +305,19 @@ def _mamba_chunk_scan_combined():
     bare = importlib.util.module_from_spec(spec)
     sys.modules["mamba_ssm"] = bare
     try:
-        return importlib.import_module(MAMBA_SSM_SSD_MODULE).mamba_chunk_scan_combined
+        return importlib.import_module(name)
     except ImportError:  # e.g. no triton or einops
         return None
     finally:
         if sys.modules.get("mamba_ssm") is bare:
             del sys.modules["mamba_ssm"]
+
+
+@functools.lru_cache(maxsize=None)
+def _mamba_chunk_scan_combined():
+    """mamba_ssm's fused Triton SSD, or None where mamba_ssm is not installed."""
+    module = import_mamba_ssm_module(MAMBA_SSM_SSD_MODULE)
+    return None if module is None else module.mamba_chunk_scan_combined
 
 
 def mamba_ssm_available() -> bool:
