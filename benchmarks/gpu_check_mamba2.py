@@ -190,7 +190,7 @@ def timings(cfg, device, rows: list, only: list[str] | None = None, chunk_sizes:
     from megatron.core.transformer.spec_utils import build_module
 
     L = cfg["layer"]
-    fla_reason = fla_backward_unsupported_reason(L["state_dim"]) if device.type == "cuda" else "needs CUDA"
+    fla_reason = fla_backward_unsupported_reason(L["state_dim"]) if device.type == "cuda" else None
     backends = [("torch", "fwd+bwd"), ("torch_compile", "fwd+bwd"), ("torch", "fwd"), ("torch_compile", "fwd")]
     backends.append(("fla", "fwd") if fla_reason else ("fla", "fwd+bwd"))
     backends += [("mamba_ssm", "fwd+bwd"), ("mamba_ssm", "fwd")]

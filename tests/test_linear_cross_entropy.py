@@ -122,3 +122,14 @@ def _tensor_parallel_case(vocab_size, recompute_logits):
 def test_tensor_parallel_vocab_split_matches_one_rank(vocab_size, recompute_logits):
     assert run_distributed(_tensor_parallel_case, world_size=2, tensor_model_parallel_size=2,
                            args=(vocab_size, recompute_logits)) == [True, True]
+
+
+def test_row_chunks_of_a_recomputing_backward_are_whole_multiples_of_the_alignment():
+    """cuBLAS takes a slow unaligned kernel for row chunks whose length is not a multiple of 8 (ALIGN_ROWS = 128):
+    every span but the last is a whole multiple, and the element budget is kept where it allows one multiple."""
+    from megatron_flash.ops.linear_cross_entropy import ALIGN_ROWS, _spans
+
+    spans = _spans(1000, 70, 70 * 300, multiple=ALIGN_ROWS)  # budget: 300 rows -> 256
+    assert spans == [(0, 256), (256, 512), (512, 768), (768, 1000)]
+    assert _spans(1000, 70, 70 * 5, multiple=ALIGN_ROWS)[0] == (0, ALIGN_ROWS)  # at least one multiple
+    assert _spans(10, 3, 7) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]  # token chunks: no multiple

@@ -35,17 +35,11 @@ CHUNK_ELEMENTS = 2**28
 ALIGN_ROWS = 128
 
 
-def _spans(length: int, other: int, chunk_elements: int | None):
-    """[start, end) spans of ``length`` such that span x ``other`` holds at most ``chunk_elements`` elements."""
-    size = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(other, 1))
+def _spans(length: int, other: int, chunk_elements: int | None, multiple: int = 1):
+    """[start, end) spans of ``length``, each a multiple of ``multiple`` long (but the last), such that span x
+    ``other`` holds at most ``chunk_elements`` elements (spans are at least ``multiple`` long)."""
+    size = max(multiple, (chunk_elements or CHUNK_ELEMENTS) // max(other, 1) // multiple * multiple)
     return [(s, min(s + size, length)) for s in range(0, length, size)]
-
-
-def _row_spans(rows: int, tokens: int, chunk_elements: int | None):
-    """[start, end) spans of ``rows`` vocabulary rows, each a multiple of ALIGN_ROWS long (but the last), such that
-    a span x ``tokens`` holds at most ``chunk_elements`` elements (at least ALIGN_ROWS rows)."""
-    size = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(tokens, 1)) // ALIGN_ROWS * ALIGN_ROWS or ALIGN_ROWS
-    return [(s, min(s + size, rows)) for s in range(0, rows, size)]
 
 
 def _local_target(labels, vocab_start: int, real_rows: int):
@@ -126,7 +120,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.mm(grad_logits.t(), scaled_hidden, out=grad_weight[:span])
             return grad_hidden, grad_weight, None, None, None, None, None, None
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        for r, r_end in _row_spans(span, hidden.shape[0], ctx.chunk_elements):
+        for r, r_end in _spans(span, hidden.shape[0], ctx.chunk_elements, multiple=ALIGN_ROWS):
             # a label outside rows [r, r_end) matches no column of this chunk: the onehot is zero there
             rows_grad = _grad_logits(hidden @ weight[r:r_end].t(), lse, local - r, here, min(ctx.real - r, r_end - r))
             grad_hidden += rows_grad @ weight[r:r_end]
