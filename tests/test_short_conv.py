@@ -1,5 +1,12 @@
-"""ops.short_conv: both backends against the loop in causal_conv1d_reference, values and gradients, on awkward sizes:
-packed documents shorter than the kernel, states; fla's kernel on a GPU."""
+"""ops.short_conv: every backend against the loop in causal_conv1d_reference, values and gradients, on awkward
+sizes: packed documents shorter than the kernel, states, per-head strided inputs; fla's kernel on a GPU, ours on a GPU
+or on the CPU under Triton's interpreter (a subprocess with TRITON_INTERPRET=1, which triton reads at import)."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +15,13 @@ from megatron_flash.ops.short_conv import causal_conv1d, causal_conv1d_reference
 
 K = 4
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's kernel runs on GPUs only")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton_kernels = pytest.mark.skipif(
+    not HAVE_TRITON or not (torch.cuda.is_available() or INTERPRETED),
+    reason="our Triton kernels run on GPUs, or on the CPU under TRITON_INTERPRET=1 "
+           "(test_triton_kernels_under_the_interpreter starts that)")
 
 
 def _tensors(batch, length, channels, dtype, device="cpu", seed=0):
@@ -95,3 +109,68 @@ def test_fla_kernel_matches_the_reference(dtype, tol):
     _compare(dtype, tol, backend="fla", device="cuda", length=300, channels=96)
     _compare(dtype, tol, backend="fla", device="cuda", batch=1, length=300, channels=96,
              cu_seqlens=torch.tensor([0, 3, 100, 101, 300], device="cuda"))
+
+
+def _compare_per_head(dtype, tol, device, bias=True, cu_seqlens=None, batch=2, length=37, heads=3, width=5):
+    """The triton backend on x = a per-head slice of a [T, B, H, W + 3] projection, transposed to [B, T, H, W] (the
+    layers' layout, read in place), against the reference on the same values as a contiguous [B, T, H*W]."""
+    gen = torch.Generator().manual_seed(1)
+    projection = torch.randn(length, batch, heads, width + 3, generator=gen)
+    weight = torch.randn(heads * width, K, generator=gen) / K
+    b = torch.randn(heads * width, generator=gen) if bias else None
+    leaves = [t.to(device, dtype).requires_grad_() for t in (projection, weight, b) if t is not None]
+
+    def per_head(p):
+        return p[..., 1:width + 1].transpose(0, 1)
+
+    got = _value_and_grads(lambda: causal_conv1d(per_head(leaves[0]), *leaves[1:], *([None] * (not bias)), "silu",
+                                                 cu_seqlens=cu_seqlens, backend="triton")[0], leaves)
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    want = _value_and_grads(lambda: causal_conv1d_reference(per_head(wide[0]).reshape(batch, length, -1), *wide[1:],
+                                                            *([None] * (not bias)), "silu", cu_seqlens=cu_seqlens),
+                            wide)
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == dtype and g.shape == r.shape
+        if isinstance(tol, dict):
+            torch.testing.assert_close(g.double(), r, **tol)
+        else:
+            assert (g.double() - r).norm() / r.norm() < tol
+
+
+FP32_KERNEL = dict(rtol=1e-5, atol=1e-5)  # the kernels accumulate in fp32 whatever the input dtype
+
+
+@needs_triton_kernels
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_KERNEL), (torch.bfloat16, 1e-2)])
+def test_triton_kernels_match_the_reference(dtype, tol):
+    device = TRITON_DEVICE
+    # more tokens and channels than one tile (64 x 128 forward, 64 x 64 backward), neither a multiple of it
+    _compare(dtype, tol, backend="triton", device=device, length=150, channels=131)
+    _compare(dtype, tol, backend="triton", device=device, bias=False, activation=None, length=70, channels=13)
+    _compare(dtype, tol, backend="triton", device=device, batch=1, length=150, channels=70,
+             cu_seqlens=torch.tensor([0, 3, 64, 65, 67, 150], device=device))
+    _compare_per_head(dtype, tol, device)
+    _compare_per_head(dtype, tol, device, bias=False, batch=1, length=90, heads=2, width=40,
+                      cu_seqlens=torch.tensor([0, 5, 6, 8, 23, 90], device=device))
+
+
+@needs_triton_kernels
+def test_triton_backend_refuses_states():
+    x, w, _ = (t.detach().to(TRITON_DEVICE) for t in _tensors(2, 9, 4, torch.float32))
+    with pytest.raises(ValueError, match="takes no states"):
+        causal_conv1d(x, w, output_final_state=True, backend="triton")
+    with pytest.raises(ValueError, match="batch size 1"):
+        causal_conv1d(x, w, cu_seqlens=torch.tensor([0, 9], device=TRITON_DEVICE), backend="triton")
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the kernel tests run directly here")
+def test_triton_kernels_under_the_interpreter():
+    """Runs the two tests above in a subprocess under Triton's interpreter; they must pass, not skip."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "triton_kernels_match or triton_backend_refuses"],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"\b3 passed", summary) and "skipped" not in summary, summary

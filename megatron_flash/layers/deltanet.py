@@ -114,7 +114,7 @@ class DeltaNetMixer(MegatronModule):
         projected, _ = self.in_proj(hidden_states)  # [s, b, heads*(3d+1)]: full sequence, this rank's heads
         seq, batch = projected.shape[:2]
         per_head = projected.view(seq, batch, heads, 3 * d + 1)
-        qkv = per_head[..., :3 * d].permute(1, 0, 2, 3).reshape(batch, seq, heads * 3 * d)  # conv channel order
+        qkv = per_head[..., :3 * d].transpose(0, 1)  # [b, s, heads, 3d]: conv channel order, read in place on GPUs
         beta = per_head[..., 3 * d].transpose(0, 1).sigmoid()  # [b, s, heads]
         cu_seqlens = self._cu_seqlens(inputs, batch)
 

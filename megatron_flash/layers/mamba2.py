@@ -241,13 +241,13 @@ class Mamba2Mixer(MegatronModule):
         # split, not three slices: backward then writes the projection's gradient in one pass (one cat), where
         # slices would each zero-fill and add a full-size tensor
         per_head = projected.view(seq, batch, self.heads_local, 2 * P + 1)  # [s, b, H_local, 2P+1]
-        z, x, dt = per_head.split([P, P, 1], dim=-1)  # z is read in place by the norm
-        x = x.transpose(0, 1).reshape(batch, seq, self.inner_local)
+        z, x, dt = per_head.split([P, P, 1], dim=-1)  # z is read in place by the norm, x by the conv (on GPUs)
         dt = dt.squeeze(-1).transpose(0, 1)
         bc = self._project_bc(hidden_states).transpose(0, 1)  # [b, s, 2GN]
         cu_seqlens = self._cu_seqlens(inputs, seq, batch)
 
-        x, _ = causal_conv1d(x, self.conv_x_weight, self.conv_x_bias, activation="silu", cu_seqlens=cu_seqlens)
+        x, _ = causal_conv1d(x.transpose(0, 1), self.conv_x_weight, self.conv_x_bias, activation="silu",
+                             cu_seqlens=cu_seqlens)
         bc, _ = causal_conv1d(bc, _summed_grad(self.conv_bc_weight, self.tp_group),
                               _summed_grad(self.conv_bc_bias, self.tp_group), activation="silu",
                               cu_seqlens=cu_seqlens)

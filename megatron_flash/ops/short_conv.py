@@ -2,11 +2,16 @@
 
 ``y[t, c] = act(bias[c] + sum_{i<K} weight[c, i] * x[t - K + 1 + i, c])``, with x = 0 before a sequence starts
 (or taken from ``initial_state``). Layout follows fla: x is [B, T, C], weight [C, K], states [N, C, K] holding the
-last K inputs of each sequence. With ``cu_seqlens`` (B must be 1) every document restarts from zero (or from its
-row of ``initial_state``).
+last K inputs of each sequence. x may also be [B, T, H, W] with channel c = h * W + w, e.g. the per-head slices of
+a projection; y is then [B, T, H*W]. With ``cu_seqlens`` (B must be 1) every document restarts from zero (or from
+its row of ``initial_state``).
 
-Backends: ``fla`` (fla's Triton kernel, CUDA tensors), ``torch`` (F.conv1d, any device). The loop in
-:func:`causal_conv1d_reference` is the definition both are tested against.
+Backends:
+* ``triton`` (``short_conv_triton``: reads x in place through its strides; no states): what ``auto`` picks on
+  CUDA tensors for training, where no state goes in or out;
+* ``fla`` (fla's Triton kernel, CUDA tensors; copies x to [B, T, C] first): ``auto``'s pick on CUDA with states;
+* ``torch`` (F.conv1d, any device).
+The loop in :func:`causal_conv1d_reference` is the definition all are tested against.
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ try:  # fla's Triton kernel: used for CUDA tensors when installed
 except ImportError:  # pragma: no cover - fla is an optional (gpu) dependency
     _fla_causal_conv1d = None
 
+try:  # our Triton kernels: need triton
+    from megatron_flash.ops.short_conv_triton import causal_conv1d_triton as _triton_causal_conv1d
+except ImportError:  # pragma: no cover - triton is an optional (gpu) dependency
+    _triton_causal_conv1d = None
+
+BACKENDS = ("auto", "triton", "fla", "torch")
+
 
 def conv_init_(tensor: torch.Tensor, kernel: int) -> None:
     """nn.Conv1d's default initialization for a depthwise conv's weight [C, K] or bias [C]:
@@ -29,23 +41,29 @@ def conv_init_(tensor: torch.Tensor, kernel: int) -> None:
     torch.nn.init.uniform_(tensor, -bound, bound)
 
 
+def _check_packed(cu_seqlens, batch):
+    if cu_seqlens is not None and batch != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (packed documents), got batch {batch}")
+
+
 def _segments(cu_seqlens, batch, length):
     if cu_seqlens is None:
         return None
-    if batch != 1:
-        raise ValueError(f"cu_seqlens needs batch size 1 (packed documents), got batch {batch}")
+    _check_packed(cu_seqlens, batch)
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != length or any(b > a for a, b in zip(bounds[1:], bounds)):
         raise ValueError(f"cu_seqlens {bounds} must rise from 0 to the sequence length {length}")
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def _is_silu(activation) -> bool:
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    return activation is not None
+
+
 def _activate(y, activation):
-    if activation in ("silu", "swish"):
-        return F.silu(y)
-    if activation is None:
-        return y
-    raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    return F.silu(y) if _is_silu(activation) else y
 
 
 def causal_conv1d_reference(x, weight, bias=None, activation=None, cu_seqlens=None, initial_state=None):
@@ -84,19 +102,36 @@ def _torch_conv(x, weight, bias, activation, history, output_final_state):
     return _activate(y, activation), final
 
 
+def _resolve_backend(backend, x, with_states):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown short-conv backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if x.is_cuda and _triton_causal_conv1d is not None and not with_states:
+        return "triton"
+    return "fla" if (x.is_cuda and _fla_causal_conv1d is not None) else "torch"
+
+
 def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, initial_state=None,
                   output_final_state=False, backend="auto"):
-    """Depthwise causal conv. Returns (y [B, T, C], final_state [N, C, K] or None)."""
-    if backend == "auto":
-        backend = "fla" if (x.is_cuda and _fla_causal_conv1d is not None) else "torch"
+    """Depthwise causal conv of x [B, T, C] or [B, T, H, W]. Returns (y [B, T, C], final_state [N, C, K] or
+    None)."""
+    backend = _resolve_backend(backend, x, initial_state is not None or output_final_state)
+    if backend == "triton":
+        if _triton_causal_conv1d is None:
+            raise RuntimeError("short-conv backend 'triton' needs triton (pip install '.[gpu]')")
+        if initial_state is not None or output_final_state:
+            raise ValueError("short-conv backend 'triton' takes no states: use 'fla' or 'torch'")
+        _check_packed(cu_seqlens, x.shape[0])  # the bounds themselves stay on the device: reading them would sync
+        x4 = x.unsqueeze(2) if x.dim() == 3 else x
+        return _triton_causal_conv1d(x4, weight, bias, _is_silu(activation), cu_seqlens), None
+    x = x.flatten(2)  # [B, T, C]; a copy where the channels are not one stride
     if backend == "fla":
         if _fla_causal_conv1d is None:
             raise RuntimeError("short-conv backend 'fla' needs flash-linear-attention (pip install '.[gpu]')")
         return _fla_causal_conv1d(x=x, weight=weight, bias=bias, initial_state=initial_state,
                                   output_final_state=output_final_state, activation=activation,
                                   cu_seqlens=cu_seqlens, backend="triton")
-    if backend != "torch":
-        raise ValueError(f"unknown short-conv backend {backend!r}: use auto, fla or torch")
     segments = _segments(cu_seqlens, x.shape[0], x.shape[1])
     if segments is None:
         return _torch_conv(x, weight, bias, activation, initial_state, output_final_state)

@@ -1,0 +1,183 @@
+"""Triton kernels of the depthwise causal short conv (``ops.short_conv``'s ``triton`` backend), forward and backward.
+
+Why not fla's kernel: the layers' conv inputs are per-head slices of a projection's output in the [s, b] layout
+(DeltaNet's q/k/v, Mamba2's x) or its transpose (Mamba2's B/C). fla's kernel wants [B, T, C] with unit channel
+stride, so each call copied its input first, and its backward recomputes the forward in a separate kernel. These
+kernels read x in place through four strides, x[b, t, h, w] with channel c = h * W + w, and write y and dx
+contiguous [B, T, C]. The backward recomputes the pre-activation and writes the gradient g at it (one kernel), then
+reads x once and g at the K shifted positions for dx, and for the weight and bias gradients as per-tile partial
+sums (fla's pairing: tap K-1-j sums g[t+j] * x[t]), reduced by one deterministic ``sum`` (no atomics).
+
+Packed documents: ``starts[t]`` is the first position of t's document (B is 1); taps before it read zero.
+Tested against ``short_conv.causal_conv1d_reference`` on CPU under Triton's interpreter and on GPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# (tokens, channels) per program: the fastest of five pairs at the 1B layer shapes on an H200
+# (benchmarks/gpu_short_conv.py --tiles; docs/performance.md)
+FWD_TILE = (64, 64)
+BWD_TILE = (64, 128)
+
+
+@triton.jit
+def _tap_tile(x_b, src, first, valid_t, x_c, valid_c, stride_t):
+    """x at positions ``src`` [BT] (zero before the document's ``first`` position or past the end) as fp32."""
+    ok = valid_t & (src >= first)
+    ptrs = x_b + src.to(tl.int64)[:, None] * stride_t + x_c[None, :]
+    return tl.load(ptrs, mask=ok[:, None] & valid_c[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pre_activation(x_b, w, b, u, first, valid_u, x_c, c, valid_c, stride_t,
+                    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """bias + sum_i w[c, i] * x[u - K + 1 + i] for a tile of output positions ``u``."""
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b + c, mask=valid_c, other=0.0).to(tl.float32)[None, :]
+    for i in tl.static_range(K):
+        tap = tl.load(w + c * K + i, mask=valid_c, other=0.0).to(tl.float32)
+        acc += _tap_tile(x_b, u - (K - 1 - i), first, valid_u, x_c, valid_c, stride_t) * tap[None, :]
+    return acc
+
+
+@triton.jit
+def _document_starts(starts, t, valid_t, BT: tl.constexpr, HAS_STARTS: tl.constexpr):
+    if HAS_STARTS:
+        first = tl.load(starts + t, mask=valid_t, other=0)
+    else:
+        first = tl.zeros([BT], dtype=tl.int32)
+    return first
+
+
+@triton.jit
+def _channel_offsets(c, W, stride_h, stride_w):
+    return (c // W).to(tl.int64) * stride_h + (c % W).to(tl.int64) * stride_w
+
+
+@triton.jit
+def _conv_fwd_kernel(x, w, b, starts, y, T, C, W, stride_xb, stride_xt, stride_xh, stride_xw,
+                     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SILU: tl.constexpr, HAS_STARTS: tl.constexpr):
+    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)
+    c = pid_c * BC + tl.arange(0, BC)
+    valid_t, valid_c = t < T, c < C
+    x_b = x + pid_b.to(tl.int64) * stride_xb
+    x_c = _channel_offsets(c, W, stride_xh, stride_xw)
+    first = _document_starts(starts, t, valid_t, BT, HAS_STARTS)
+    acc = _pre_activation(x_b, w, b, t, first, valid_t, x_c, c, valid_c, stride_xt, K, BT, BC, HAS_BIAS)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    out = y + (pid_b.to(tl.int64) * T + t.to(tl.int64))[:, None] * C + c[None, :]
+    tl.store(out, acc.to(y.dtype.element_ty), mask=valid_t[:, None] & valid_c[None, :])
+
+
+@triton.jit
+def _conv_grad_pre_activation_kernel(x, w, b, starts, dy, g, T, C, W, stride_xb, stride_xt, stride_xh, stride_xw,
+                                     stride_db, stride_dt, stride_dc, K: tl.constexpr, BT: tl.constexpr,
+                                     BC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STARTS: tl.constexpr):
+    """g = dy * silu'(pre-activation), written contiguous [B, T, C]."""
+    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)
+    c = pid_c * BC + tl.arange(0, BC)
+    valid_t, valid_c = t < T, c < C
+    x_b = x + pid_b.to(tl.int64) * stride_xb
+    x_c = _channel_offsets(c, W, stride_xh, stride_xw)
+    first = _document_starts(starts, t, valid_t, BT, HAS_STARTS)
+    a = _pre_activation(x_b, w, b, t, first, valid_t, x_c, c, valid_c, stride_xt, K, BT, BC, HAS_BIAS)
+    valid = valid_t[:, None] & valid_c[None, :]
+    grad = tl.load(dy + pid_b.to(tl.int64) * stride_db + t.to(tl.int64)[:, None] * stride_dt + c[None, :] * stride_dc,
+                   mask=valid, other=0.0).to(tl.float32)
+    s = tl.sigmoid(a)
+    out = g + (pid_b.to(tl.int64) * T + t.to(tl.int64))[:, None] * C + c[None, :]
+    tl.store(out, (grad * s * (1.0 + a * (1.0 - s))).to(g.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _conv_bwd_kernel(x, w, starts, g, dx, dw_part, db_part, T, C, W, n_t_tiles,
+                     stride_xb, stride_xt, stride_xh, stride_xw, stride_gb, stride_gt, stride_gc,
+                     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_STARTS: tl.constexpr):
+    """With g the gradient of the pre-activation: dx[t] = sum_j w[K-1-j] * g[t+j] and the partial sums
+    dw[K-1-j] = sum_t g[t+j] * x[t] over this tile's t (each pair (t, t+j) counted by the tile holding t), over
+    outputs t+j in t's document; bias partial sums from j = 0. Partials go to row ``pid_b * n_t_tiles + pid_t``."""
+    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)
+    c = pid_c * BC + tl.arange(0, BC)
+    valid_t, valid_c = t < T, c < C
+    x_c = _channel_offsets(c, W, stride_xh, stride_xw)
+    x_own = tl.load(x + pid_b.to(tl.int64) * stride_xb + t.to(tl.int64)[:, None] * stride_xt + x_c[None, :],
+                    mask=valid_t[:, None] & valid_c[None, :], other=0.0).to(tl.float32)
+    g_b = g + pid_b.to(tl.int64) * stride_gb
+    part = (pid_b * n_t_tiles + pid_t).to(tl.int64)
+    dx_acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(K):
+        u = t + j  # the outputs that read x[t], through tap K-1-j
+        valid_u = u < T
+        first = _document_starts(starts, u, valid_u, BT, HAS_STARTS)
+        same_document = valid_u & (t >= first)
+        g_u = tl.load(g_b + u.to(tl.int64)[:, None] * stride_gt + c[None, :] * stride_gc,
+                      mask=same_document[:, None] & valid_c[None, :], other=0.0).to(tl.float32)
+        tap = tl.load(w + c * K + (K - 1 - j), mask=valid_c, other=0.0).to(tl.float32)
+        dx_acc += g_u * tap[None, :]
+        tl.store(dw_part + (part * K + (K - 1 - j)) * C + c, tl.sum(g_u * x_own, axis=0), mask=valid_c)
+        if HAS_BIAS and j == 0:
+            tl.store(db_part + part * C + c, tl.sum(g_u, axis=0), mask=valid_c)
+    out = dx + (pid_b.to(tl.int64) * T + t.to(tl.int64))[:, None] * C + c[None, :]
+    tl.store(out, dx_acc.to(dx.dtype.element_ty), mask=valid_t[:, None] & valid_c[None, :])
+
+
+class ShortConvFunction(torch.autograd.Function):
+    """y [B, T, H*W] = act(causal depthwise conv of x [B, T, H, W]); x any strides, y contiguous."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu, starts):
+        batch, length, heads, width = x.shape
+        channels = heads * width
+        y = torch.empty(batch, length, channels, dtype=x.dtype, device=x.device)
+        bt, bc = FWD_TILE
+        grid = (triton.cdiv(length, bt), triton.cdiv(channels, bc), batch)
+        _conv_fwd_kernel[grid](x, weight, bias, starts, y, length, channels, width, *x.stride(),
+                               K=weight.shape[1], BT=bt, BC=bc, HAS_BIAS=bias is not None, SILU=silu,
+                               HAS_STARTS=starts is not None)
+        ctx.save_for_backward(x, weight, bias, starts)
+        ctx.silu = silu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, starts = ctx.saved_tensors
+        batch, length, heads, width = x.shape
+        channels, k = weight.shape
+        bt, bc = BWD_TILE
+        n_t_tiles = triton.cdiv(length, bt)
+        grid = (n_t_tiles, triton.cdiv(channels, bc), batch)
+        meta = dict(K=k, BT=bt, BC=bc, HAS_BIAS=bias is not None, HAS_STARTS=starts is not None)
+        g = dy
+        if ctx.silu:  # the gradient of the pre-activation, from its recomputation
+            g = torch.empty(batch, length, channels, dtype=dy.dtype, device=dy.device)
+            _conv_grad_pre_activation_kernel[grid](x, weight, bias, starts, dy, g, length, channels, width,
+                                                   *x.stride(), *dy.stride(), **meta)
+        dx = torch.empty(batch, length, heads, width, dtype=x.dtype, device=x.device)
+        dw_part = torch.empty(batch * n_t_tiles, k, channels, dtype=torch.float32, device=x.device)
+        db_part = (torch.empty(batch * n_t_tiles, channels, dtype=torch.float32, device=x.device)
+                   if bias is not None else None)
+        _conv_bwd_kernel[grid](x, weight, starts, g, dx, dw_part, db_part, length, channels, width, n_t_tiles,
+                               *x.stride(), *g.stride(), **meta)
+        dw = dw_part.sum(0).t().to(weight.dtype)
+        db = db_part.sum(0).to(bias.dtype) if bias is not None else None
+        return dx, dw, db, None, None
+
+
+def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias, silu: bool, cu_seqlens) -> torch.Tensor:
+    """x [B, T, H, W] (any strides), weight [H*W, K], bias [H*W] or None; returns y [B, T, H*W]."""
+    starts = None
+    if cu_seqlens is not None:  # each position's document start, computed on the device without a sync
+        bounds = cu_seqlens.to(device=x.device, dtype=torch.int32)
+        starts = torch.repeat_interleave(bounds[:-1], bounds.diff(), output_size=x.shape[1])
+    return ShortConvFunction.apply(x, weight.contiguous(), bias, silu, starts)
