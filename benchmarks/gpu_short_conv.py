@@ -1,0 +1,94 @@
+"""The short conv (ops/short_conv.py) at the 1B training shapes, forward + backward per backend, inputs laid out
+as the layers hand them over: DeltaNet's q/k/v and Mamba2's x are per-head slices of the [s, b, ...] projection
+(the ``triton`` backend reads them in place; ``fla`` and ``torch`` get the [B, T, C] copy the layers made before),
+Mamba2's B/C the transpose of a [s, b, 2N] projection. Every backend's output and gradients are compared with the
+``torch`` backend's on the same inputs.
+
+    python benchmarks/gpu_short_conv.py [--backends triton,fla,torch] [--tiles 64x128:64x64,...] [--out DIR] [--smoke]
+
+``--tiles``: the triton backend again with other (tokens x channels) tiles per program, forward:backward.
+
+Shapes: micro-batch 4 x (4096 + 256 meta tokens), bf16; ``--smoke``: tiny sizes on the CPU (the ``torch`` backend
+only), to check the script. Results: DIR/short_conv.json (DIR defaults to $OUT, else the current folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from megatron_flash.ops import short_conv_triton
+from megatron_flash.ops.short_conv import causal_conv1d
+from megatron_flash.testing import median_ms, relative_error
+
+K = 4
+FULL = dict(batch=4, seq=4352, warmup=3, iters=10, cases={
+    # name: (heads, per-head width read, per-head row width of the projection)
+    "deltanet_qkv": (16, 384, 385),
+    "mamba2_x": (64, 64, 129),
+    "mamba2_bc": (1, 256, 256),
+})
+SMOKE = dict(batch=2, seq=40, warmup=1, iters=2, cases={"deltanet_qkv": (2, 12, 13), "mamba2_bc": (1, 8, 8)})
+
+
+def case_inputs(batch, seq, heads, width, row, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    projection = torch.randn(seq, batch, heads, row, generator=gen).to(device, torch.bfloat16)
+    weight = (torch.randn(heads * width, K, generator=gen) / K).to(device, torch.bfloat16)
+    bias = torch.randn(heads * width, generator=gen).to(device, torch.bfloat16)
+    dy = torch.randn(batch, seq, heads * width, generator=gen).to(device, torch.bfloat16)
+    return projection, weight, bias, dy
+
+
+def run_case(backend, projection, weight, bias, dy, width):
+    """y and the gradients of projection, weight and bias; the per-head slice is taken inside, as in the layers."""
+    p, w, b = (t.detach().requires_grad_() for t in (projection, weight, bias))
+    y, _ = causal_conv1d(p[..., :width].transpose(0, 1), w, b, activation="silu", backend=backend)
+    y.backward(dy)
+    return [y.detach(), p.grad, w.grad, b.grad]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default=None, help="comma-separated (default: triton,fla,torch on a GPU)")
+    parser.add_argument("--tiles", default="", help="e.g. 32x128:32x64,64x64:64x128 (forward:backward)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = SMOKE if args.smoke else FULL
+    device = "cpu" if args.smoke else "cuda"
+    backends = (args.backends or ("torch" if args.smoke else "triton,fla,torch")).split(",")
+    tiles = [tuple(tuple(int(n) for n in part.split("x")) for part in spec.split(":"))
+             for spec in args.tiles.split(",") if spec]
+    runs = [(backend, None) for backend in backends] + [("triton", tile) for tile in tiles]
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+               "batch": cfg["batch"], "seq": cfg["seq"], "dtype": "bfloat16", "cases": {}}
+    default_tiles = short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE
+    for name, (heads, width, row) in cfg["cases"].items():
+        inputs = case_inputs(cfg["batch"], cfg["seq"], heads, width, row, device)
+        want = run_case("torch", *inputs, width)
+        rows = {}
+        for backend, tile in runs:
+            label = backend if tile is None else f"triton_{'_'.join('x'.join(map(str, t)) for t in tile)}"
+            if tile is not None:
+                short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE = tile
+            got = run_case(backend, *inputs, width)
+            rows[label] = {
+                "fwd_bwd_ms": round(median_ms(lambda: run_case(backend, *inputs, width), cfg["warmup"],
+                                              cfg["iters"]), 3),
+                **{f"rel_diff_{key}": relative_error(g, r)
+                   for key, g, r in zip(("y", "dx", "dweight", "dbias"), got, want, strict=True)}}
+            print(f"{name:14s} {label:7s} {rows[label]}", flush=True)
+        short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE = default_tiles
+        results["cases"][name] = rows
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "short_conv.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
