@@ -348,9 +348,14 @@ def test_profile_writes_a_trace_and_time_by_layer_type_and_kernel(tmp_path):
         "--train-iters", "4", "--profile", "--profile-step-start", "2", "--profile-step-end", "4",
         "--profile-dir", str(tmp_path)],))[0]
     assert (tmp_path / "trace_rank0.json").stat().st_size > 0
-    assert "forward by layer type" in (tmp_path / "kernels_rank0.txt").read_text()
+    text = (tmp_path / "kernels_rank0.txt").read_text()
+    assert "forward by layer type" in text and "backward by autograd function" in text
     # the tiny preset has every layer type; each ran once per layer per micro-batch (2 per iteration)
     layers = {row["layer"]: row for row in profile["layers_forward"]}
     assert set(layers) == {"DeltaNetMixer", "Mamba2Mixer", "AttentionMixer", "FFNMixer"}, layers
     assert all(row["ms_per_iter"] > 0 for row in layers.values())
     assert profile["kernels"] and any("mm" in row["name"] for row in profile["kernels"]), profile["kernels"]
+    # backward by autograd function: the linear layers' backward ran, and every row has time
+    functions = {row["function"]: row for row in profile["backward"]}
+    assert any(name.startswith("LinearWithGradAccumulation") for name in functions), sorted(functions)
+    assert all(row["ms_per_iter"] > 0 for row in functions.values())

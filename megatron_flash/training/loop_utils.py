@@ -14,6 +14,8 @@ from megatron.core import parallel_state
 from megatron_flash import runtime
 from megatron_flash.layers.base import LAYER_RANGE_PREFIX
 
+BACKWARD_RANGE_PREFIX = "autograd::engine::evaluate_function: "  # torch's range around each backward function
+
 
 # --- data -----------------------------------------------------------------------------------------------------
 
@@ -152,8 +154,9 @@ def kernel_table(profiler, steps: int) -> list[dict]:
 class StepProfiler:
     """torch.profiler over iterations [start, end) on the chosen ranks (Megatron's --profile flags).
 
-    Writes a Chrome trace and a table into ``folder``: forward time by layer type and the kernels with the most
-    device time (CPU time without a GPU); ``table`` keeps both (``layers_forward``, ``kernels``) for callers.
+    Writes a Chrome trace and a table into ``folder``: forward time by layer type, backward time by autograd
+    function and the kernels with the most device time (CPU time without a GPU); ``table`` keeps the three
+    (``layers_forward``, ``backward``, ``kernels``) for callers.
     """
 
     def __init__(self, folder: str | None, start: int, end: int, ranks, enabled: bool):
@@ -187,27 +190,32 @@ class StepProfiler:
         kernels = kernel_table(self.profiler, steps)
         self.table = {"kernels": kernels[:40]}
         total = sum(row["ms_per_iter"] for row in kernels) * 1000 * steps or 1.0  # us, as the ranges below
-        # forward time by layer type: HybridLayer's named ranges, with the kernels they launched (inclusive)
-        by_layer: dict[str, list] = {}
+        # forward time by layer type (HybridLayer's named ranges) and backward time by autograd function (the
+        # engine's ranges), each with the kernels launched inside (inclusive)
+        self.table["layers_forward"] = self._ranges(LAYER_RANGE_PREFIX, "layer", unit, steps, total)
+        self.table["backward"] = self._ranges(BACKWARD_RANGE_PREFIX, "function", unit, steps, total)[:25]
+        with open(os.path.join(self.folder, f"kernels_rank{rank}.txt"), "w") as f:
+            f.write(f"iterations {self.start + 1}..{self.end}, {unit} time per iteration\n")
+            sections = (("forward by layer type (inclusive)", "layers_forward", "layer", "share_of_step"),
+                        ("backward by autograd function (inclusive)", "backward", "function", "share_of_step"),
+                        ("kernels / operators (self time)", "kernels", "name", "share"))
+            for title, table, key, share in sections:
+                f.write(f"\n{title}:\n")
+                for row in self.table[table]:
+                    f.write(f"{row['ms_per_iter']:9.3f} ms {row[share]:6.1%} {row['calls_per_iter']:6.0f}x  "
+                            f"{row[key]}\n")
+
+    def _ranges(self, prefix: str, key: str, unit: str, steps: int, total: float) -> list[dict]:
+        """Rows for the CPU ranges named ``prefix`` + name, summed by name, most time first."""
+        sums: dict[str, list] = {}
         for e in self.profiler.events():
-            if e.name.startswith(LAYER_RANGE_PREFIX) and e.device_type == torch.autograd.DeviceType.CPU:
-                entry = by_layer.setdefault(e.name[len(LAYER_RANGE_PREFIX):], [0.0, 0])
+            if e.name.startswith(prefix) and e.device_type == torch.autograd.DeviceType.CPU:
+                entry = sums.setdefault(e.name[len(prefix):], [0.0, 0])
                 entry[0] += getattr(e, f"{unit}_time_total")
                 entry[1] += 1
-        self.table["layers_forward"] = sorted(
-            ({"layer": name, "ms_per_iter": t / 1000 / steps, "share_of_step": t / total,
-              "calls_per_iter": n / steps} for name, (t, n) in by_layer.items()),
-            key=lambda row: -row["ms_per_iter"])
-        with open(os.path.join(self.folder, f"kernels_rank{rank}.txt"), "w") as f:
-            f.write(f"iterations {self.start + 1}..{self.end}, {unit} time per iteration\n\n"
-                    f"forward by layer type (inclusive):\n")
-            for row in self.table["layers_forward"]:
-                f.write(f"{row['ms_per_iter']:9.3f} ms {row['share_of_step']:6.1%} {row['calls_per_iter']:6.0f}x  "
-                        f"{row['layer']}\n")
-            f.write("\nkernels / operators (self time):\n")
-            for row in self.table["kernels"]:
-                f.write(f"{row['ms_per_iter']:9.3f} ms {row['share']:6.1%} {row['calls_per_iter']:6.0f}x  "
-                        f"{row['name']}\n")
+        return sorted(({key: name, "ms_per_iter": t / 1000 / steps, "share_of_step": t / total,
+                        "calls_per_iter": n / steps} for name, (t, n) in sums.items() if t > 0),
+                      key=lambda row: -row["ms_per_iter"])
 
     def close(self) -> None:
         if self.profiler is not None:
