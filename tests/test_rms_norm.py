@@ -1,6 +1,8 @@
 """ops.rms_norm: RMSNorm against torch's F.rms_norm, the gated RMSNorm against its formula on strided views and unit
 rows against F.normalize, eager on the CPU and compiled (fused) on a GPU."""
 
+from unittest.mock import patch
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,8 +61,23 @@ def test_gated_rms_norm_on_strided_views(dtype, tol, group_size):
                            y_bs, projected, w)
     want = _value_and_grads(lambda: _gated_formula(y_bs.transpose(0, 1), projected[..., :7], w, group_size, 1e-5),
                             y_bs, projected, w)
-    assert got[0].shape == (5, 2, 42)
+    assert got[0].shape == (5, 2, 42) and got[0].is_contiguous()  # the out-projection's input, without a copy
     _assert_all_close(got, want, **tol)
+
+
+def test_compiled_gated_rms_norm_writes_a_contiguous_result():
+    """Compiled (inductor, here for the CPU), the fused kernel writes the contiguous layout itself: one kernel,
+    whatever y's strides (a pointwise kernel's output otherwise follows its input's, the Mamba2 scan's [b, s])."""
+    y_bs = _leaf(2, 5, 6, 7, dtype=torch.float32, seed=2)
+    projected = _leaf(5, 2, 6, 15, dtype=torch.float32, seed=3)
+    w = _leaf(6 * 7, dtype=torch.float32, seed=4)
+    torch._dynamo.reset()
+    with patch.object(torch._dynamo.config, "disable", False):
+        compiled = torch.compile(gated_rms_norm.__wrapped__, fullgraph=True)
+        got = compiled(y_bs.transpose(0, 1), projected[..., :7], w, 21, 1e-5)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, _gated_formula(y_bs.transpose(0, 1), projected[..., :7], w, 21, 1e-5).float(),
+                               rtol=1e-5, atol=1e-5)
 
 
 def _unit_rows_case(dtype, device):

@@ -3,9 +3,9 @@
 
 ``rms_norm(x, w) = x * rsqrt(mean(x^2) + eps) * w`` over the last dimension;
 ``gated_rms_norm(y, z, w) = rms_norm(y * silu(z)) * w`` with y, z [..., heads, head_dim] (any strides: the fused
-kernel reads views in place) flattened to [..., heads * head_dim] and normalized over groups of ``group_size`` of
-those channels (mamba_ssm's ``RMSNormGated`` with ``norm_before_gate=False``). Results are in x's (y's) dtype;
-fp64 stays fp64. ``unit_rows(w) = w / max(||w||_row, 1e-12)`` (``F.normalize(w, dim=1)``), the output layer's
+kernel reads views in place) flattened to [..., heads * head_dim] (contiguous) and normalized over groups of
+``group_size`` of those channels (mamba_ssm's ``RMSNormGated`` with ``norm_before_gate=False``). Results are in x's
+(y's) dtype; fp64 stays fp64. ``unit_rows(w) = w / max(||w||_row, 1e-12)`` (``F.normalize(w, dim=1)``), the output layer's
 weight: eager, its backward is 6 passes over the 131072 x h matrix; fused, one each way.
 """
 
@@ -33,7 +33,9 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     gated = (_wide(y) * F.silu(_wide(z))).flatten(-2)
     grouped = gated.unflatten(-1, (-1, group_size))
     normed = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + eps)
-    return (normed.flatten(-2) * _wide(weight)).to(y.dtype)
+    # contiguous inside: compiled, the fused kernel writes that layout itself, where it would otherwise follow y's
+    # strides (the Mamba2 scan's [b, s] order) and the out-projection's input would take a copy
+    return (normed.flatten(-2) * _wide(weight)).to(y.dtype).contiguous()
 
 
 @compiled_on_cuda
