@@ -35,6 +35,7 @@ class NemotronFlashConfig(TransformerConfig):
     deltanet_conv_kernel: int = 4
     deltanet_norm_eps: float = 1e-5
     delta_rule_backend: str = "auto"  # auto | fla | torch
+    short_conv_backend: str = "auto"  # DeltaNet's and Mamba2's short convs: ops.short_conv.BACKENDS
 
     # Mamba2
     mamba_state_dim: int = 128

@@ -43,7 +43,7 @@ def build_model_and_optimizer(args, vocab_size: int):
             mamba_chunk_size=args.mamba_chunk_size).items() if v is not None},
         vocab_size=vocab_size, tie_embeddings=not args.untie_embeddings,
         sequence_parallel=args.sequence_parallel, ssd_backend=args.ssd_backend,
-        delta_rule_backend=args.delta_rule_backend, bf16=args.bf16,
+        delta_rule_backend=args.delta_rule_backend, short_conv_backend=args.short_conv_backend, bf16=args.bf16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_cpu_initialization=args.use_cpu_initialization or not torch.cuda.is_available(),
         init_seed=args.seed,

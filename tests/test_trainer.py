@@ -38,6 +38,7 @@ def _train(argv, check=False):
     return {"losses": result["losses"], "checks": record, "iteration": result["iteration"],
             "recompute": (config.recompute_granularity, config.recompute_logits) if config else None,
             "mamba_chunk_size": config.mamba_chunk_size if config else None,
+            "short_conv_backend": config.short_conv_backend if config else None,
             "flops_per_token": result["flops_per_token"]}
 
 
@@ -334,6 +335,13 @@ def test_mamba_chunk_size_changes_no_loss(reference):
     run = _run(["--train-iters", "4", "--mamba-chunk-size", "8"])[0]
     assert reference["mamba_chunk_size"] == 16 and run["mamba_chunk_size"] == 8
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
+
+
+def test_short_conv_backend_reaches_the_layers(reference):
+    """--short-conv-backend reaches the config the layers read; on the CPU auto is torch: the same losses."""
+    run = _run(["--train-iters", "4", "--short-conv-backend", "torch"])[0]
+    assert reference["short_conv_backend"] == "auto" and run["short_conv_backend"] == "torch"
+    assert run["losses"] == reference["losses"]
 
 
 def _train_profiled(argv):

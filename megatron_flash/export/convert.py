@@ -144,7 +144,7 @@ def model_overrides(args: dict) -> dict:
     """The fields of the trainer's args that define the model beyond preset and pattern
     (as megatron_flash.pretrain.build_model_and_optimizer passes them)."""
     out = {k: args[k] for k in ("num_meta_tokens", "sliding_window") if args.get(k) is not None}
-    for k in ("ssd_backend", "delta_rule_backend"):
+    for k in ("ssd_backend", "delta_rule_backend", "short_conv_backend"):
         if args.get(k):
             out[k] = args[k]
     return out

@@ -118,7 +118,8 @@ class DeltaNetMixer(MegatronModule):
         beta = per_head[..., 3 * d].transpose(0, 1).sigmoid()  # [b, s, heads]
         cu_seqlens = self._cu_seqlens(inputs, batch)
 
-        qkv, _ = causal_conv1d(qkv, self.conv_weight, activation="silu", cu_seqlens=cu_seqlens)
+        qkv, _ = causal_conv1d(qkv, self.conv_weight, activation="silu", cu_seqlens=cu_seqlens,
+                               backend=self.config.short_conv_backend)
         q, k, v = qkv.view(batch, seq, heads, 3, d).unbind(dim=3)
         o, _ = delta_rule(q, k, v, beta, cu_seqlens=cu_seqlens, use_qk_l2norm=True,
                           backend=self.config.delta_rule_backend)

@@ -247,10 +247,10 @@ class Mamba2Mixer(MegatronModule):
         cu_seqlens = self._cu_seqlens(inputs, seq, batch)
 
         x, _ = causal_conv1d(x.transpose(0, 1), self.conv_x_weight, self.conv_x_bias, activation="silu",
-                             cu_seqlens=cu_seqlens)
+                             cu_seqlens=cu_seqlens, backend=self.config.short_conv_backend)
         bc, _ = causal_conv1d(bc, _summed_grad(self.conv_bc_weight, self.tp_group),
                               _summed_grad(self.conv_bc_bias, self.tp_group), activation="silu",
-                              cu_seqlens=cu_seqlens)
+                              cu_seqlens=cu_seqlens, backend=self.config.short_conv_backend)
         first_group, end_group = self.group_range  # the groups this rank's heads read
         Bm, Cm = bc.view(batch, seq, 2, self.groups, N)[:, :, :, first_group:end_group].unbind(dim=2)
 

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mamba-chunk-size", type=int,
                    help="Mamba2 scan's chunk length (default: the preset's); changes speed, not the result")
     g.add_argument("--delta-rule-backend", default="auto", help="DeltaNet: auto, fla, torch")
+    g.add_argument("--short-conv-backend", default="auto",
+                   help="DeltaNet's and Mamba2's short convs: auto (triton on GPUs, torch on the CPU), triton, fla, "
+                        "torch")
     g.add_argument("--recompute-activations", action="store_true", help="recompute each layer in backward")
     g.add_argument("--recompute-logits", action="store_true",
                    help="recompute the output layer's logits in backward instead of keeping softmax - onehot (2 "
