@@ -2,11 +2,11 @@
 
 Why not fla's kernel: the layers' conv inputs are per-head slices of a projection's output in the [s, b] layout
 (DeltaNet's q/k/v, Mamba2's x) or its transpose (Mamba2's B/C). fla's kernel wants [B, T, C] with unit channel
-stride, so each call copied its input first, and its backward recomputes the forward in a separate kernel. These
-kernels read x in place through four strides, x[b, t, h, w] with channel c = h * W + w, and write y and dx
-contiguous [B, T, C]. The backward recomputes the pre-activation and writes the gradient g at it (one kernel), then
-reads x once and g at the K shifted positions for dx, and for the weight and bias gradients as per-tile partial
-sums (fla's pairing: tap K-1-j sums g[t+j] * x[t]), reduced by one deterministic ``sum`` (no atomics).
+stride, so each call of it copied its input first. These kernels read x in place through four strides,
+x[b, t, h, w] with channel c = h * W + w, and write y and dx contiguous [B, T, C]. The backward recomputes the
+pre-activation and writes the gradient g at it (one kernel), then reads x once and g at the K shifted positions for
+dx, and for the weight and bias gradients as per-tile partial sums (fla's pairing: tap K-1-j sums g[t+j] * x[t]),
+reduced by one deterministic ``sum`` (no atomics).
 
 Packed documents: ``starts[t]`` is the first position of t's document (B is 1); taps before it read zero.
 Tested against ``short_conv.causal_conv1d_reference`` on CPU under Triton's interpreter and on GPUs.
@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-# (tokens, channels) per program: the fastest of five pairs at the 1B layer shapes on an H200
-# (benchmarks/gpu_short_conv.py --tiles; docs/performance.md)
+# (tokens, channels) per program: of five pairs, the fastest on DeltaNet's q/k/v and Mamba2's x at the 1B shapes on
+# an H200 (benchmarks/gpu_short_conv.py --tiles; docs/performance.md)
 FWD_TILE = (64, 64)
 BWD_TILE = (64, 128)
 
@@ -180,4 +180,5 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias, silu: bool
     if cu_seqlens is not None:  # each position's document start, computed on the device without a sync
         bounds = cu_seqlens.to(device=x.device, dtype=torch.int32)
         starts = torch.repeat_interleave(bounds[:-1], bounds.diff(), output_size=x.shape[1])
-    return ShortConvFunction.apply(x, weight.contiguous(), bias, silu, starts)
+    # the kernels index weight [C, K] and bias [C] as contiguous
+    return ShortConvFunction.apply(x, weight.contiguous(), bias if bias is None else bias.contiguous(), silu, starts)
