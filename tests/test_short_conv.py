@@ -42,6 +42,17 @@ def _value_and_grads(fn, leaves):
     return [y.detach()] + [t.grad.clone() for t in leaves]
 
 
+def _assert_matches(got, want, dtype, tol):
+    """Each of ``got`` in ``dtype`` and within ``tol`` of ``want`` (fp64): elementwise for a dict (assert_close's
+    arguments), else in relative error ||a - b|| / ||b||."""
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == dtype and g.shape == r.shape
+        if isinstance(tol, dict):
+            torch.testing.assert_close(g.double(), r, **tol)
+        else:
+            assert (g.double() - r).norm() / r.norm() < tol
+
+
 def _compare(dtype, tol, backend="torch", device="cpu", bias=True, activation="silu", cu_seqlens=None, batch=2,
              length=37, channels=13):
     """Output and gradients of ``backend`` against the reference in fp64 on the same values: elementwise within
@@ -55,12 +66,7 @@ def _compare(dtype, tol, backend="torch", device="cpu", bias=True, activation="s
     x64, w64, b64 = wide[0], wide[1], (wide[2] if bias else None)
     want = _value_and_grads(lambda: causal_conv1d_reference(x64, w64, b64, activation, cu_seqlens=cu_seqlens),
                             wide)
-    for g, r in zip(got, want, strict=True):
-        assert g.dtype == dtype and g.shape == r.shape
-        if isinstance(tol, dict):
-            torch.testing.assert_close(g.double(), r, **tol)
-        else:
-            assert (g.double() - r).norm() / r.norm() < tol
+    _assert_matches(got, want, dtype, tol)
 
 
 FP64 = dict(rtol=1e-10, atol=1e-10)
@@ -129,12 +135,7 @@ def _compare_per_head(dtype, tol, device, bias=True, cu_seqlens=None, batch=2, l
     want = _value_and_grads(lambda: causal_conv1d_reference(per_head(wide[0]).reshape(batch, length, -1), *wide[1:],
                                                             *([None] * (not bias)), "silu", cu_seqlens=cu_seqlens),
                             wide)
-    for g, r in zip(got, want, strict=True):
-        assert g.dtype == dtype and g.shape == r.shape
-        if isinstance(tol, dict):
-            torch.testing.assert_close(g.double(), r, **tol)
-        else:
-            assert (g.double() - r).norm() / r.norm() < tol
+    _assert_matches(got, want, dtype, tol)
 
 
 FP32_KERNEL = dict(rtol=1e-5, atol=1e-5)  # the kernels accumulate in fp32 whatever the input dtype

@@ -60,42 +60,32 @@ def _channel_offsets(c, W, stride_h, stride_w):
 
 
 @triton.jit
-def _conv_fwd_kernel(x, w, b, starts, y, T, C, W, stride_xb, stride_xt, stride_xh, stride_xw,
-                     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SILU: tl.constexpr, HAS_STARTS: tl.constexpr):
+def _conv_pre_activation_kernel(x, w, b, starts, dy, out, T, C, W, stride_xb, stride_xt, stride_xh, stride_xw,
+                                stride_db, stride_dt, stride_dc, K: tl.constexpr, BT: tl.constexpr,
+                                BC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STARTS: tl.constexpr,
+                                SILU: tl.constexpr, GRAD: tl.constexpr):
+    """The pre-activation a of a tile of outputs, then into ``out`` (contiguous [B, T, C]): forward, act(a);
+    with GRAD (backward), dy * silu'(a), the gradient at the pre-activation."""
     pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     c = pid_c * BC + tl.arange(0, BC)
     valid_t, valid_c = t < T, c < C
-    x_b = x + pid_b.to(tl.int64) * stride_xb
-    x_c = _channel_offsets(c, W, stride_xh, stride_xw)
-    first = _document_starts(starts, t, valid_t, BT, HAS_STARTS)
-    acc = _pre_activation(x_b, w, b, t, first, valid_t, x_c, c, valid_c, stride_xt, K, BT, BC, HAS_BIAS)
-    if SILU:
-        acc = acc * tl.sigmoid(acc)
-    out = y + (pid_b.to(tl.int64) * T + t.to(tl.int64))[:, None] * C + c[None, :]
-    tl.store(out, acc.to(y.dtype.element_ty), mask=valid_t[:, None] & valid_c[None, :])
-
-
-@triton.jit
-def _conv_grad_pre_activation_kernel(x, w, b, starts, dy, g, T, C, W, stride_xb, stride_xt, stride_xh, stride_xw,
-                                     stride_db, stride_dt, stride_dc, K: tl.constexpr, BT: tl.constexpr,
-                                     BC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STARTS: tl.constexpr):
-    """g = dy * silu'(pre-activation), written contiguous [B, T, C]."""
-    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BT + tl.arange(0, BT)
-    c = pid_c * BC + tl.arange(0, BC)
-    valid_t, valid_c = t < T, c < C
+    valid = valid_t[:, None] & valid_c[None, :]
     x_b = x + pid_b.to(tl.int64) * stride_xb
     x_c = _channel_offsets(c, W, stride_xh, stride_xw)
     first = _document_starts(starts, t, valid_t, BT, HAS_STARTS)
     a = _pre_activation(x_b, w, b, t, first, valid_t, x_c, c, valid_c, stride_xt, K, BT, BC, HAS_BIAS)
-    valid = valid_t[:, None] & valid_c[None, :]
-    grad = tl.load(dy + pid_b.to(tl.int64) * stride_db + t.to(tl.int64)[:, None] * stride_dt + c[None, :] * stride_dc,
-                   mask=valid, other=0.0).to(tl.float32)
-    s = tl.sigmoid(a)
-    out = g + (pid_b.to(tl.int64) * T + t.to(tl.int64))[:, None] * C + c[None, :]
-    tl.store(out, (grad * s * (1.0 + a * (1.0 - s))).to(g.dtype.element_ty), mask=valid)
+    if GRAD:
+        grad = tl.load(dy + pid_b.to(tl.int64) * stride_db + t.to(tl.int64)[:, None] * stride_dt
+                       + c[None, :] * stride_dc, mask=valid, other=0.0).to(tl.float32)
+        s = tl.sigmoid(a)
+        result = grad * s * (1.0 + a * (1.0 - s))
+    elif SILU:
+        result = a * tl.sigmoid(a)
+    else:
+        result = a
+    ptrs = out + (pid_b.to(tl.int64) * T + t.to(tl.int64))[:, None] * C + c[None, :]
+    tl.store(ptrs, result.to(out.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -142,9 +132,9 @@ class ShortConvFunction(torch.autograd.Function):
         y = torch.empty(batch, length, channels, dtype=x.dtype, device=x.device)
         bt, bc = FWD_TILE
         grid = (triton.cdiv(length, bt), triton.cdiv(channels, bc), batch)
-        _conv_fwd_kernel[grid](x, weight, bias, starts, y, length, channels, width, *x.stride(),
-                               K=weight.shape[1], BT=bt, BC=bc, HAS_BIAS=bias is not None, SILU=silu,
-                               HAS_STARTS=starts is not None)
+        _conv_pre_activation_kernel[grid](x, weight, bias, starts, None, y, length, channels, width, *x.stride(),
+                                          0, 0, 0, K=weight.shape[1], BT=bt, BC=bc, HAS_BIAS=bias is not None,
+                                          HAS_STARTS=starts is not None, SILU=silu, GRAD=False)
         ctx.save_for_backward(x, weight, bias, starts)
         ctx.silu = silu
         return y
@@ -161,8 +151,8 @@ class ShortConvFunction(torch.autograd.Function):
         g = dy
         if ctx.silu:  # the gradient of the pre-activation, from its recomputation
             g = torch.empty(batch, length, channels, dtype=dy.dtype, device=dy.device)
-            _conv_grad_pre_activation_kernel[grid](x, weight, bias, starts, dy, g, length, channels, width,
-                                                   *x.stride(), *dy.stride(), **meta)
+            _conv_pre_activation_kernel[grid](x, weight, bias, starts, dy, g, length, channels, width, *x.stride(),
+                                              *dy.stride(), SILU=True, GRAD=True, **meta)
         dx = torch.empty(batch, length, heads, width, dtype=x.dtype, device=x.device)
         dw_part = torch.empty(batch * n_t_tiles, k, channels, dtype=torch.float32, device=x.device)
         db_part = (torch.empty(batch * n_t_tiles, channels, dtype=torch.float32, device=x.device)
