@@ -175,3 +175,12 @@ def test_triton_kernels_under_the_interpreter():
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert re.search(r"\b3 passed", summary) and "skipped" not in summary, summary
+
+
+def test_document_index_of_each_position():
+    """ops.packed.document_index, which gives the triton backend its document starts (and mamba_ssm its seq_idx):
+    documents of 3, 1 and 2 positions."""
+    from megatron_flash.ops.packed import document_index
+
+    index = document_index(torch.tensor([0, 3, 4, 6]), 6)
+    assert index.dtype == torch.int32 and index.tolist() == [0, 0, 0, 1, 2, 2]

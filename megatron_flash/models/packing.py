@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from megatron_flash.ops.packed import document_index
+
 
 @dataclass
 class PackedLayout:
@@ -46,7 +48,7 @@ def layout(cu_seqlens: torch.Tensor, num_meta_tokens: int) -> PackedLayout:
     if (lengths <= 0).any():
         raise ValueError(f"cu_seqlens {cu.tolist()} has an empty document")
     n, m = len(lengths), num_meta_tokens
-    doc_of_token = torch.repeat_interleave(torch.arange(n, device=cu.device), lengths)
+    doc_of_token = document_index(cu, int(cu[-1]))
     text_positions = torch.arange(int(cu[-1]), device=cu.device) + (doc_of_token + 1) * m
     starts = cu[:-1] + torch.arange(n, device=cu.device) * m
     meta_positions = (starts[:, None] + torch.arange(m, device=cu.device)[None, :]).reshape(-1)

@@ -5,8 +5,8 @@
 ``gated_rms_norm(y, z, w) = rms_norm(y * silu(z)) * w`` with y, z [..., heads, head_dim] (any strides: the fused
 kernel reads views in place) flattened to [..., heads * head_dim] (contiguous) and normalized over groups of
 ``group_size`` of those channels (mamba_ssm's ``RMSNormGated`` with ``norm_before_gate=False``). Results are in x's
-(y's) dtype; fp64 stays fp64. ``unit_rows(w) = w / max(||w||_row, 1e-12)`` (``F.normalize(w, dim=1)``), the output layer's
-weight: eager, its backward is 6 passes over the 131072 x h matrix; fused, one each way.
+(y's) dtype; fp64 stays fp64. ``unit_rows(w) = w / max(||w||_row, 1e-12)`` (``F.normalize(w, dim=1)``), the output
+layer's weight: eager, its backward is 6 passes over the 131072 x h matrix; fused, one each way.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_flash.ops.packed import document_index
+
 # (tokens, channels) per program: of five pairs, the fastest on DeltaNet's q/k/v and Mamba2's x at the 1B shapes on
 # an H200 (benchmarks/gpu_short_conv.py --tiles; docs/performance.md)
 FWD_TILE = (64, 64)
@@ -169,6 +171,6 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias, silu: bool
     starts = None
     if cu_seqlens is not None:  # each position's document start, computed on the device without a sync
         bounds = cu_seqlens.to(device=x.device, dtype=torch.int32)
-        starts = torch.repeat_interleave(bounds[:-1], bounds.diff(), output_size=x.shape[1])
+        starts = bounds[document_index(bounds, x.shape[1])]
     # the kernels index weight [C, K] and bias [C] as contiguous
     return ShortConvFunction.apply(x, weight.contiguous(), bias if bias is None else bias.contiguous(), silu, starts)

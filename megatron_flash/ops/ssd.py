@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_flash.ops import compile as compile_ops
+from megatron_flash.ops.packed import document_index
 
 BACKENDS = ("auto", "mamba_ssm", "fla", "torch", "torch_compile")
 
@@ -337,8 +338,7 @@ def _ssd_mamba_ssm(x, dt, A, Bm, Cm, D, initial_state, output_final_state, cu_se
     if initial_state is not None:
         raise NotImplementedError("mamba_ssm takes no per-document initial states with cu_seqlens; "
                                   "use backend 'torch'/'torch_compile'")
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    seq_idx = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths).to(torch.int32)[None]
+    seq_idx = document_index(cu_seqlens.to(x.device), x.shape[1])[None]
     if not output_final_state:
         return scan(x, dt, A, Bm, Cm, chunk_size, D=D, seq_idx=seq_idx), None
     # per-document final states come from return_varlen_states, which mamba_ssm supports in forward only
