@@ -26,7 +26,7 @@ from megatron_flash.models.packing import document_boundaries_from_eod
 from megatron_flash.training import arguments, checkpointing
 from megatron_flash.training.loop_utils import (ExitSignal, ProgressLog, StepProfiler, broadcast_from_last_rank,
                                                 is_logging_rank, microbatches, peak_flops_per_second)
-from megatron_flash.training.optimizer_params import use_fused_torch_adam
+from megatron_flash.training.optimizer_params import use_foreach_grad_norm, use_fused_torch_adam
 from megatron_flash.training.weight_norm import WeightNormalizer, normalize_model_params
 
 
@@ -71,6 +71,7 @@ def build_model_and_optimizer(args, vocab_size: int):
         clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=spec.config.params_dtype,
         use_distributed_optimizer=args.use_distributed_optimizer), [ddp])
     use_fused_torch_adam(optimizer)
+    use_foreach_grad_norm()
     normalizer = WeightNormalizer(optimizer, args.weight_norm_embeddings) if args.weight_norm else None
     decay_iters = args.lr_decay_iters or args.train_iters
     scheduler = OptimizerParamScheduler(

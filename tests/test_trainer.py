@@ -100,6 +100,59 @@ def test_fused_adam_update_follows_the_adam_formula():
     assert run_distributed(_fused_adam_steps_against_the_formula, world_size=1) == [3]
 
 
+def _grad_norm_with_megatron_fallback_and_foreach():
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_flash.testing import OpTrace
+    from megatron_flash.training.optimizer_params import use_foreach_grad_norm
+
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(shape, generator=gen) for shape in [(37, 5), (1,), (129,), (0, 3), (3, 7, 11)]]
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten().double() for g in grads])).item()
+    found = {}
+    for name in ("megatron", "foreach"):
+        if name == "foreach":
+            use_foreach_grad_norm()
+        with OpTrace() as trace:
+            found[name] = (clip_grads.get_grad_norm_fp32(grads), len(trace.host_reads()))
+    return expected, found
+
+
+def test_grad_norm_from_foreach_matches_megatrons_fallback():
+    """use_foreach_grad_norm: megatron's clipping norm from torch's multi-tensor norm equals the one from its local
+    fallback (no TE or Apex) and the fp64 definition, and reads one value on the host (megatron's final
+    ``.item()``). The fallback's per-tensor reads happen inside ``torch.tensor``, out of a dispatch mode's sight:
+    the GPU test below counts them as syncs."""
+    expected, found = run_distributed(_grad_norm_with_megatron_fallback_and_foreach, world_size=1)[0]
+    assert found["foreach"][1] == 1, found
+    for value, _ in found.values():
+        assert value == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA synchronizations")
+def test_foreach_grad_norm_does_not_synchronize_on_gpu():
+    import warnings
+
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    from megatron_flash.training.optimizer_params import _foreach_l2_norm
+
+    grads = [torch.randn(shape, device="cuda") for shape in [(37, 5), (1,), (129,), (0, 3), (3, 7, 11)]]
+    syncs, norms = {}, {}
+    for name, impl in (("megatron", local_multi_tensor_l2_norm), ("foreach", _foreach_l2_norm)):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                norms[name] = impl(2048 * 32, None, [grads], False)[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs[name] = sum("synchroniz" in str(w.message) for w in caught)
+    assert syncs["megatron"] >= len(grads) and syncs["foreach"] == 0, syncs
+    torch.testing.assert_close(norms["foreach"], norms["megatron"])
+
+
 @pytest.mark.parametrize("world,tp,pp,extra", [
     (2, 2, 1, ["--tensor-model-parallel-size", "2"]),
     (2, 1, 2, ["--pipeline-model-parallel-size", "2"]),

@@ -1,7 +1,8 @@
-"""Which fp32 main parameter a megatron optimizer updates for each model parameter, and the Adam kernel it runs.
+"""Which fp32 main parameter a megatron optimizer updates for each model parameter, and the kernels its step runs.
 
 megatron keeps that mapping in different attributes per optimizer class; weight normalization and checkpointing
-both need it, so it is read here once.
+both need it, so it is read here once. Without Transformer Engine or Apex, megatron falls back to torch's Adam and
+to Python loops for its multi-tensor ops; the two ``use_*`` functions put torch's fused kernels in their place.
 """
 
 from __future__ import annotations
@@ -52,3 +53,21 @@ def use_fused_torch_adam(optimizer) -> None:
             continue  # TE's or Apex's FusedAdam, or no local params
         for group in inner.param_groups:
             group["foreach"], group["fused"] = False, True
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron's ``local_multi_tensor_l2_norm`` contract (a [1] fp32 tensor: the L2 norm over every tensor of
+    ``tensor_lists[0]``; None) in two launches on the tensors' device. The local fallback builds its result with
+    ``torch.tensor`` from the per-tensor norms: one device-to-host read, a sync, per gradient tensor."""
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).reshape(1), None
+
+
+def use_foreach_grad_norm() -> None:
+    """Compute the gradient norm (``--clip-grad``) with torch's multi-tensor norm where megatron fell back to its
+    local L2 norm (no TE or Apex installed), so the step has one host sync for it instead of one per parameter."""
+    from megatron.core import utils as megatron_utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is megatron_utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _foreach_l2_norm
