@@ -59,8 +59,8 @@ def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """megatron's ``local_multi_tensor_l2_norm`` contract (a [1] fp32 tensor: the L2 norm over every tensor of
     ``tensor_lists[0]``; None) in two launches on the tensors' device. The local fallback builds its result with
     ``torch.tensor`` from the per-tensor norms: one device-to-host read, a sync, per gradient tensor."""
-    norms = torch._foreach_norm(tensor_lists[0])
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).reshape(1), None
+    norms = torch._foreach_norm(tensor_lists[0], dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
 
 
 def use_foreach_grad_norm() -> None:
