@@ -182,7 +182,7 @@ def layer_accuracy(params: dict, device) -> list[dict]:
     theirs = layer(x_theirs)[0].transpose(0, 1)
     (theirs.float() * grad_out).sum().backward()
 
-    their_grads = fla_to_fused_state({n: p.grad for n, p in layer.named_parameters()}, heads)
+    their_grads = fla_to_fused_state({n: p.grad for n, p in layer.named_parameters()})
     compared = {"output": (ours, theirs), "d_input": (x_ours.grad, x_theirs.grad.transpose(0, 1))}
     compared.update({f"d_{n}": (p.grad, their_grads[n]) for n, p in mixer.named_parameters()})
     rows = []

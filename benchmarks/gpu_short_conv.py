@@ -1,7 +1,7 @@
 """The short conv (ops/short_conv.py) at the 1B training shapes, forward + backward per backend, inputs laid out
-as the layers hand them over: DeltaNet's q/k/v and Mamba2's x are per-head slices of the [s, b, ...] projection
-(the ``triton`` backend reads them in place; ``fla`` and ``torch`` get the [B, T, C] copy the layers made before),
-Mamba2's B/C the transpose of a [s, b, 2N] projection. Every backend's output and gradients are compared with the
+as the layers hand them over: DeltaNet's q/k/v and Mamba2's x are slices of channels of the [s, b, ...]
+projection, transposed to [B, T, C] (the ``triton`` backend reads them in place; ``fla`` copies them), Mamba2's B/C
+the transpose of a [s, b, 2N] projection. Every backend's output and gradients are compared with the
 ``torch`` backend's on the same inputs.
 
     python benchmarks/gpu_short_conv.py [--backends triton,fla,torch] [--tiles 64x128:64x64,...] [--out DIR] [--smoke]
@@ -26,27 +26,28 @@ from megatron_flash.testing import median_ms, relative_error
 
 K = 4
 FULL = dict(batch=4, seq=4352, warmup=3, iters=10, cases={
-    # name: (heads, per-head width read, per-head row width of the projection)
-    "deltanet_qkv": (16, 384, 385),
-    "mamba2_x": (64, 64, 129),
-    "mamba2_bc": (1, 256, 256),
+    # name: (first channel read, channels read, row width of the projection): the 1B's layers
+    "deltanet_qkv": (0, 3 * 2048, 3 * 2048 + 16),
+    "mamba2_x": (4096, 4096, 2 * 4096 + 64),
+    "mamba2_bc": (0, 256, 256),
 })
-SMOKE = dict(batch=2, seq=40, warmup=1, iters=2, cases={"deltanet_qkv": (2, 12, 13), "mamba2_bc": (1, 8, 8)})
+SMOKE = dict(batch=2, seq=40, warmup=1, iters=2, cases={"deltanet_qkv": (0, 24, 26), "mamba2_x": (8, 8, 18)})
 
 
-def case_inputs(batch, seq, heads, width, row, device, seed=0):
+def case_inputs(batch, seq, first, channels, row, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    projection = torch.randn(seq, batch, heads, row, generator=gen).to(device, torch.bfloat16)
-    weight = (torch.randn(heads * width, K, generator=gen) / K).to(device, torch.bfloat16)
-    bias = torch.randn(heads * width, generator=gen).to(device, torch.bfloat16)
-    dy = torch.randn(batch, seq, heads * width, generator=gen).to(device, torch.bfloat16)
+    projection = torch.randn(seq, batch, row, generator=gen).to(device, torch.bfloat16)
+    weight = (torch.randn(channels, K, generator=gen) / K).to(device, torch.bfloat16)
+    bias = torch.randn(channels, generator=gen).to(device, torch.bfloat16)
+    dy = torch.randn(batch, seq, channels, generator=gen).to(device, torch.bfloat16)
     return projection, weight, bias, dy
 
 
-def run_case(backend, projection, weight, bias, dy, width):
-    """y and the gradients of projection, weight and bias; the per-head slice is taken inside, as in the layers."""
+def run_case(backend, projection, weight, bias, dy, first):
+    """y and the gradients of projection, weight and bias; the slice is taken inside, as in the layers."""
     p, w, b = (t.detach().requires_grad_() for t in (projection, weight, bias))
-    y, _ = causal_conv1d(p[..., :width].transpose(0, 1), w, b, activation="silu", backend=backend)
+    y, _ = causal_conv1d(p[..., first:first + w.shape[0]].transpose(0, 1), w, b, activation="silu",
+                         backend=backend)
     y.backward(dy)
     return [y.detach(), p.grad, w.grad, b.grad]
 
@@ -67,17 +68,17 @@ def main(argv=None) -> dict:
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                "batch": cfg["batch"], "seq": cfg["seq"], "dtype": "bfloat16", "cases": {}}
     default_tiles = short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE
-    for name, (heads, width, row) in cfg["cases"].items():
-        inputs = case_inputs(cfg["batch"], cfg["seq"], heads, width, row, device)
-        want = run_case("torch", *inputs, width)
+    for name, (first, channels, row) in cfg["cases"].items():
+        inputs = case_inputs(cfg["batch"], cfg["seq"], first, channels, row, device)
+        want = run_case("torch", *inputs, first)
         rows = {}
         for backend, tile in runs:
             label = backend if tile is None else f"triton_{'_'.join('x'.join(map(str, t)) for t in tile)}"
             if tile is not None:
                 short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE = tile
-            got = run_case(backend, *inputs, width)
+            got = run_case(backend, *inputs, first)
             rows[label] = {
-                "fwd_bwd_ms": round(median_ms(lambda: run_case(backend, *inputs, width), cfg["warmup"],
+                "fwd_bwd_ms": round(median_ms(lambda: run_case(backend, *inputs, first), cfg["warmup"],
                                               cfg["iters"]), 3),
                 **{f"rel_diff_{key}": relative_error(g, r)
                    for key, g, r in zip(("y", "dx", "dweight", "dbias"), got, want, strict=True)}}

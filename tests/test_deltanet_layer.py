@@ -78,11 +78,11 @@ def _gather(t, dim):
 
 def _full_tensors(module, grads):
     """Every parameter (or its gradient) as the full logical tensor, TP shards gathered."""
-    out = {}
-    for name, p in module.named_parameters():
-        t = p.grad if grads else p.data
-        out[name] = _gather(t, p.partition_dim) if getattr(p, "tensor_model_parallel", False) else t.detach().clone()
-    return out
+    from megatron_flash.models.layout import gather_full
+
+    group = _tp()[2]
+    return {name: gather_full((p.grad if grads else p.data).detach().clone(), p, group)
+            for name, p in module.named_parameters()}
 
 
 def _forward_backward(mixer, x_full, out_weights, cu_seqlens, sequence_parallel):
@@ -101,8 +101,13 @@ def _forward_backward(mixer, x_full, out_weights, cu_seqlens, sequence_parallel)
 
 
 def _checkpoint_layout(mixer):
-    return {key: (tuple(t.global_shape), tuple(t.global_offset), t.replica_id)
-            for key, t in mixer.sharded_state_dict(prefix="mixer.").items()}
+    """Checkpoint key -> (global shape, global offset, replica id), stacked tensors by section."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    tensors = []
+    for t in mixer.sharded_state_dict(prefix="mixer.").values():
+        tensors += t.build() if isinstance(t, ShardedTensorFactory) else [t]
+    return {t.key: (tuple(t.global_shape), tuple(t.global_offset), t.replica_id) for t in tensors}
 
 
 def _body(sequence_parallel):
@@ -128,18 +133,15 @@ def single():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the plain implementation: fla's DeltaNet math, unfused weights read per head from the fused layout
+# the plain implementation: fla's DeltaNet math, unfused weights read from the stacked layout
 # --------------------------------------------------------------------------------------------------------------
 
 
 def _unfused(params):
-    """q/k/v/b projections [H*d, hidden] / [H, hidden] and q/k/v conv weights [H*d, K], by the per-head layout."""
-    rows = params["in_proj.weight"].view(HEADS, 3 * HEAD_DIM + 1, HIDDEN)
-    convs = params["conv_weight"].view(HEADS, 3 * HEAD_DIM, KERNEL)
-    d = HEAD_DIM
-    proj = {n: rows[:, i * d:(i + 1) * d].reshape(HEADS * d, HIDDEN) for i, n in enumerate("qkv")}
-    proj["b"] = rows[:, 3 * d]
-    conv = {n: convs[:, i * d:(i + 1) * d].reshape(HEADS * d, KERNEL) for i, n in enumerate("qkv")}
+    """q/k/v/b projections [H*d, hidden] / [H, hidden] and q/k/v conv weights [H*d, K], by the stacked layout
+    [q; k; v; b] and [q; k; v]."""
+    proj = dict(zip("qkvb", params["in_proj.weight"].split([HEADS * HEAD_DIM] * 3 + [HEADS])))
+    conv = dict(zip("qkv", params["conv_weight"].split(HEADS * HEAD_DIM)))
     return proj, conv
 
 
@@ -229,7 +231,7 @@ def test_fla_state_conversion_round_trips(single):
         assert torch.equal(fla_state[f"{n}_proj.weight"], proj[n])
         assert torch.equal(fla_state[f"{n}_conv1d.weight"], conv[n].unsqueeze(1))  # nn.Conv1d's [C, 1, K]
     assert torch.equal(fla_state["b_proj.weight"], proj["b"])
-    back = fla_to_fused_state(fla_state, HEADS)
+    back = fla_to_fused_state(fla_state)
     assert back.keys() == params.keys() and all(torch.equal(back[n], params[n]) for n in params)
 
 
@@ -243,11 +245,14 @@ def test_tensor_parallel_matches_single_process(single, sequence_parallel):
         for case in ("unpacked", "packed"):
             # the o_norm grad is all-reduced over TP in backward, so each rank holds the full sum
             _assert_runs_match(result[case], single[case], f"rank {rank} {case}")
-    # checkpoint metadata: conv and projections sharded on their head dim, the norm weight replicated
+    # checkpoint metadata: each section of the stacked conv and in_proj and the out_proj sharded on their head dim,
+    # the norm weight replicated
     layout = got[1]["checkpoint"]
-    assert layout["mixer.conv_weight"][:2] == ((HEADS * 3 * HEAD_DIM, KERNEL), (HEADS * 3 * HEAD_DIM // 2, 0))
-    assert layout["mixer.in_proj.weight"][:2] == ((HEADS * (3 * HEAD_DIM + 1), HIDDEN),
-                                                  (HEADS * (3 * HEAD_DIM + 1) // 2, 0))
+    width = HEADS * HEAD_DIM
+    for n in "qkv":
+        assert layout[f"mixer.conv_weight.{n}"][:2] == ((width, KERNEL), (width // 2, 0))
+        assert layout[f"mixer.in_proj.weight.{n}"][:2] == ((width, HIDDEN), (width // 2, 0))
+    assert layout["mixer.in_proj.weight.beta"][:2] == ((HEADS, HIDDEN), (HEADS // 2, 0))
     assert layout["mixer.out_proj.weight"][:2] == ((HIDDEN, HEADS * HEAD_DIM), (0, HEADS * HEAD_DIM // 2))
     assert layout["mixer.o_norm_weight"][:2] == ((HEAD_DIM,), (0,))
     assert layout["mixer.o_norm_weight"][2] != got[0]["checkpoint"]["mixer.o_norm_weight"][2]  # replicas differ

@@ -52,12 +52,10 @@ def _packed_inputs(bounds):
 
 def released_weights(mixer) -> dict:
     """The mixer's weights in mamba_ssm's layout: in_proj rows [z, x, B, C, dt], conv1d channels [x, B, C]."""
-    P, H = mixer.head_dim, mixer.heads
-    per_head = mixer.in_proj.weight.view(H, 2 * P + 1, -1)
+    z, x, dt = mixer.in_proj.weight.split([mixer.inner, mixer.inner, mixer.heads])
     B, C = mixer.bc_proj_weight.chunk(2, dim=0)
     return {
-        "in_proj": torch.cat([per_head[:, :P].reshape(H * P, -1), per_head[:, P:2 * P].reshape(H * P, -1), B, C,
-                              per_head[:, 2 * P]]),
+        "in_proj": torch.cat([z, x, B, C, dt]),
         "conv_weight": torch.cat([mixer.conv_x_weight, mixer.conv_bc_weight]),
         "conv_bias": torch.cat([mixer.conv_x_bias, mixer.conv_bc_bias]),
         "dt_bias": mixer.dt_bias, "A_log": mixer.A_log, "D": mixer.D, "norm_weight": mixer.norm_weight,

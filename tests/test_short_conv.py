@@ -1,5 +1,5 @@
 """ops.short_conv: every backend against the loop in causal_conv1d_reference, values and gradients, on awkward
-sizes: packed documents shorter than the kernel, states, per-head strided inputs; fla's kernel on a GPU, ours on a GPU
+sizes: packed documents shorter than the kernel, states, strided slices of a projection; fla's kernel on a GPU, ours on a GPU
 or on the CPU under Triton's interpreter (a subprocess with TRITON_INTERPRET=1, which triton reads at import)."""
 
 import importlib.util
@@ -117,22 +117,22 @@ def test_fla_kernel_matches_the_reference(dtype, tol):
              cu_seqlens=torch.tensor([0, 3, 100, 101, 300], device="cuda"))
 
 
-def _compare_per_head(dtype, tol, device, bias=True, cu_seqlens=None, batch=2, length=37, heads=3, width=5):
-    """The triton backend on x = a per-head slice of a [T, B, H, W + 3] projection, transposed to [B, T, H, W] (the
-    layers' layout, read in place), against the reference on the same values as a contiguous [B, T, H*W]."""
+def _compare_projection_slice(dtype, tol, device, bias=True, cu_seqlens=None, batch=2, length=37, channels=15):
+    """The triton backend on x = a slice of channels of a [T, B, C + 3] projection, transposed to [B, T, C] (the
+    layers' layout, read in place), against the reference on the same values made contiguous."""
     gen = torch.Generator().manual_seed(1)
-    projection = torch.randn(length, batch, heads, width + 3, generator=gen)
-    weight = torch.randn(heads * width, K, generator=gen) / K
-    b = torch.randn(heads * width, generator=gen) if bias else None
+    projection = torch.randn(length, batch, channels + 3, generator=gen)
+    weight = torch.randn(channels, K, generator=gen) / K
+    b = torch.randn(channels, generator=gen) if bias else None
     leaves = [t.to(device, dtype).requires_grad_() for t in (projection, weight, b) if t is not None]
 
-    def per_head(p):
-        return p[..., 1:width + 1].transpose(0, 1)
+    def sliced(p):
+        return p[..., 1:channels + 1].transpose(0, 1)
 
-    got = _value_and_grads(lambda: causal_conv1d(per_head(leaves[0]), *leaves[1:], *([None] * (not bias)), "silu",
+    got = _value_and_grads(lambda: causal_conv1d(sliced(leaves[0]), *leaves[1:], *([None] * (not bias)), "silu",
                                                  cu_seqlens=cu_seqlens, backend="triton")[0], leaves)
     wide = [t.detach().double().requires_grad_() for t in leaves]
-    want = _value_and_grads(lambda: causal_conv1d_reference(per_head(wide[0]).reshape(batch, length, -1), *wide[1:],
+    want = _value_and_grads(lambda: causal_conv1d_reference(sliced(wide[0]).contiguous(), *wide[1:],
                                                             *([None] * (not bias)), "silu", cu_seqlens=cu_seqlens),
                             wide)
     _assert_matches(got, want, dtype, tol)
@@ -150,9 +150,9 @@ def test_triton_kernels_match_the_reference(dtype, tol):
     _compare(dtype, tol, backend="triton", device=device, bias=False, activation=None, length=70, channels=13)
     _compare(dtype, tol, backend="triton", device=device, batch=1, length=150, channels=70,
              cu_seqlens=torch.tensor([0, 3, 64, 65, 67, 150], device=device))
-    _compare_per_head(dtype, tol, device)
-    _compare_per_head(dtype, tol, device, bias=False, batch=1, length=90, heads=2, width=40,
-                      cu_seqlens=torch.tensor([0, 5, 6, 8, 23, 90], device=device))
+    _compare_projection_slice(dtype, tol, device)
+    _compare_projection_slice(dtype, tol, device, bias=False, batch=1, length=90, channels=80,
+                              cu_seqlens=torch.tensor([0, 5, 6, 8, 23, 90], device=device))
 
 
 @needs_triton_kernels

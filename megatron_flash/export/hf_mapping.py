@@ -10,9 +10,8 @@ Fused Megatron tensors and their released pieces (d: head dim, H: heads, P: Mamb
 
 * attention ``linear_qkv`` rows per query group g: [q of the group's H/G heads, k_g, v_g] <-> q/k/v_proj;
 * FFN ``linear_fc1`` = [gate; up] <-> gate_proj / up_proj;
-* DeltaNet ``in_proj`` rows per head [q_h, k_h, v_h, b_h] <-> q/k/v/b_proj, ``conv_weight`` [H*3d, K] channels per
-  head [q_h, k_h, v_h] <-> q/k/v_conv1d [H*d, 1, K];
-* Mamba2 ``in_proj`` rows per head [z_h, x_h, dt_h] and ``bc_proj_weight`` [B; C] <-> ``in_proj`` [z, x, B, C, dt];
+* DeltaNet ``in_proj`` [q; k; v; b] <-> q/k/v/b_proj, ``conv_weight`` [q; k; v] <-> q/k/v_conv1d [H*d, 1, K];
+* Mamba2 ``in_proj`` [z; x; dt] and ``bc_proj_weight`` [B; C] <-> ``in_proj`` [z, x, B, C, dt];
   ``conv_x_*`` and ``conv_bc_*`` <-> ``conv1d`` over [x, B, C];
 * the embedding (and untied output layer) lose their vocabulary padding rows on export and get zero rows back on
   import.
@@ -165,22 +164,24 @@ def _merge_fc1(tensors, dims):
     return [torch.cat(list(tensors))]
 
 
+def _deltanet_sections(dims):
+    return [dims.heads * dims.head_dim] * 3
+
+
 def _split_deltanet_in_proj(tensors, dims):
-    d = dims.head_dim
-    return split_per_group(tensors[0], dims.heads, [d, d, d, 1])
+    return split_per_group(tensors[0], 1, _deltanet_sections(dims) + [dims.heads])
 
 
 def _merge_deltanet_in_proj(tensors, dims):
-    return [merge_per_group(tensors, dims.heads)]
+    return [torch.cat(list(tensors))]
 
 
 def _split_deltanet_conv(tensors, dims):
-    d = dims.head_dim
-    return [w.unsqueeze(1) for w in split_per_group(tensors[0], dims.heads, [d, d, d])]
+    return [w.unsqueeze(1) for w in split_per_group(tensors[0], 1, _deltanet_sections(dims))]
 
 
 def _merge_deltanet_conv(tensors, dims):
-    return [merge_per_group([_squeeze_conv(w) for w in tensors], dims.heads)]
+    return [torch.cat([_squeeze_conv(w) for w in tensors])]
 
 
 def _squeeze_conv(weight: torch.Tensor) -> torch.Tensor:
@@ -191,8 +192,7 @@ def _squeeze_conv(weight: torch.Tensor) -> torch.Tensor:
 
 def _mamba_in_proj_to_hf(tensors, dims):
     in_proj, bc_proj = tensors
-    P = dims.mamba_head_dim
-    z, x, dt = split_per_group(in_proj, dims.mamba_heads, [P, P, 1])
+    z, x, dt = split_per_group(in_proj, 1, [dims.mamba_inner, dims.mamba_inner, dims.mamba_heads])
     return [torch.cat([z, x, bc_proj, dt])]
 
 
@@ -202,7 +202,7 @@ def _mamba_in_proj_to_megatron(tensors, dims):
     if in_proj.shape[0] != 2 * inner + bc + heads:
         raise ConversionError(f"expected 2 x {inner} + {bc} + {heads} rows [z, x, B, C, dt], got {in_proj.shape[0]}")
     z, x, bc_proj, dt = in_proj.split([inner, inner, bc, heads])
-    return [merge_per_group([z, x, dt], heads), bc_proj.clone()]
+    return [torch.cat([z, x, dt]), bc_proj.clone()]
 
 
 def _mamba_conv_to_hf(tensors, dims):

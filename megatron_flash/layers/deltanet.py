@@ -9,11 +9,14 @@ Math (H = config.num_attention_heads heads of dim d = config.deltanet_head_dim):
     o       = rmsnorm(o) * w_norm                    over the head dim, one weight [d] shared by all heads
     out     = merge_heads(o) W_o
 
-Megatron form. TP shards heads; the layout is the same at every TP size, so a contiguous split of each full tensor
-is its TP shard (checkpoints reshard by plain splits):
+Megatron form. TP shards heads. The fused tensors are stacked from sections (models/layout.py), as in megatron's
+GatedDeltaNet: each TP rank holds its heads' part of every section, and checkpoints store each section as a tensor
+of its own (``in_proj.weight.q`` ...), so they load under any TP size:
 
-* ``in_proj`` (column-parallel, [H*(3d+1), hidden]): rows per head, [q_h (d), k_h (d), v_h (d), b_h (1)];
-* ``conv_weight`` ([H*3d, K], TP-sharded on dim 0): channels per head, [q_h, k_h, v_h] (the q/k/v convs fused);
+* ``in_proj`` (column-parallel, [H*(3d+1), hidden]): sections [q (H*d), k (H*d), v (H*d), beta (H)], head-major
+  within each; one rank's projection output is then [q | k | v | beta] of its heads, whose q/k/v part the conv
+  reads in place with aligned, vectorized loads;
+* ``conv_weight`` ([H*3d, K], TP-sharded on dim 0): sections [q, k, v] (the q/k/v convs fused);
 * ``o_norm_weight`` ([d]): replicated on every TP rank; its gradient is summed over the TP group in backward;
 * ``out_proj`` (row-parallel, [hidden, H*d]): columns per head.
 
@@ -27,10 +30,7 @@ from typing import Optional, Union
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.tensor_parallel.layers import (
-    _initialize_affine_weight_cpu,
-    set_tensor_model_parallel_attributes,
-)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -41,9 +41,15 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, mark_weight_norm
+from megatron_flash.models.layout import initialize_as_full, split_sharded_sections, stack_sections
 from megatron_flash.ops.delta_rule import delta_rule
 from megatron_flash.ops.rms_norm import rms_norm
 from megatron_flash.ops.short_conv import causal_conv1d, conv_init_
+
+
+# names of the sections of in_proj and conv_weight (checkpoint keys ``<param>.<name>``)
+IN_PROJ_SECTIONS = ("q", "k", "v", "beta")
+CONV_SECTIONS = ("q", "k", "v")
 
 
 @dataclass
@@ -72,12 +78,14 @@ class DeltaNetMixer(MegatronModule):
             submodules.in_proj, config.hidden_size, self.heads * (3 * d + 1), config=config,
             init_method=config.init_method, gather_output=False, bias=False, skip_bias_add=False, is_expert=False,
             tp_comm_buffer_name="fc1", tp_group=self.tp_group)
+        stack_sections(self.in_proj.weight, [self.heads_local * d] * 3 + [self.heads_local])
         mark_weight_norm(self.in_proj.weight, READS_RESIDUAL)
 
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.conv_weight = torch.nn.Parameter(
             torch.empty(self.heads_local * 3 * d, self.conv_kernel, device=device, dtype=config.params_dtype))
         set_tensor_model_parallel_attributes(self.conv_weight, is_parallel=True, dim=0, stride=1)
+        stack_sections(self.conv_weight, [self.heads_local * d] * 3)
         # Not sequence_parallel: each rank normalizes its own heads over the full sequence, and the TP all-reduce of
         # the gradient happens in forward (copy_to_tensor_model_parallel_region); marking it would reduce twice.
         self.o_norm_weight = torch.nn.Parameter(torch.ones(d, device=device, dtype=config.params_dtype))
@@ -90,18 +98,17 @@ class DeltaNetMixer(MegatronModule):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Conv like nn.Conv1d, norm weight ones. The conv is drawn whole and sharded under use_cpu_initialization
-        (the same numbers at every TP size), else per rank under the model-parallel RNG, as megatron's linears do."""
+        """Conv like nn.Conv1d, norm weight ones. Under use_cpu_initialization the stacked tensors are drawn whole
+        and sharded by section (the same numbers at every TP size: megatron's linear would shard its draw
+        contiguously), else per rank under the model-parallel RNG, as megatron's linears do."""
         if not self.config.perform_initialization:
             return
         with torch.no_grad():
             self.o_norm_weight.fill_(1.0)
             if self.config.use_cpu_initialization:
-                full_channels = self.heads * 3 * self.head_dim
-                _initialize_affine_weight_cpu(
-                    self.conv_weight, full_channels, self.conv_kernel, self.conv_weight.shape[0], 0, self._conv_init,
-                    params_dtype=self.config.params_dtype, rank=self.tp_group.rank(), world_size=self.tp_group.size(),
-                    skip_set_tensor_parallel_attributes=True)
+                tp = (self.tp_group.size(), self.tp_group.rank())
+                initialize_as_full(self.in_proj.weight, self.config.init_method, *tp)
+                initialize_as_full(self.conv_weight, self._conv_init, *tp)
             else:
                 with get_cuda_rng_tracker().fork():
                     self._conv_init(self.conv_weight)
@@ -111,17 +118,17 @@ class DeltaNetMixer(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, inputs: Optional[MixerInputs] = None) -> torch.Tensor:
         d, heads = self.head_dim, self.heads_local
-        projected, _ = self.in_proj(hidden_states)  # [s, b, heads*(3d+1)]: full sequence, this rank's heads
+        projected, _ = self.in_proj(hidden_states)  # [s, b, 3*heads*d + heads]: full sequence, this rank's heads
         seq, batch = projected.shape[:2]
-        per_head = projected.view(seq, batch, heads, 3 * d + 1)
-        qkv = per_head[..., :3 * d].transpose(0, 1)  # [b, s, heads, 3d]: conv channel order, read in place on GPUs
-        beta = per_head[..., 3 * d].transpose(0, 1).sigmoid()  # [b, s, heads]
+        # split, not slices: backward writes the projection's gradient in one pass (one cat of two aligned pieces)
+        qkv, beta = projected.split([3 * heads * d, heads], dim=-1)
         cu_seqlens = self._cu_seqlens(inputs, batch)
 
-        qkv, _ = causal_conv1d(qkv, self.conv_weight, activation="silu", cu_seqlens=cu_seqlens,
+        # [b, s, 3*heads*d], read in place on GPUs
+        qkv, _ = causal_conv1d(qkv.transpose(0, 1), self.conv_weight, activation="silu", cu_seqlens=cu_seqlens,
                                backend=self.config.short_conv_backend)
-        q, k, v = qkv.view(batch, seq, heads, 3, d).unbind(dim=3)
-        o, _ = delta_rule(q, k, v, beta, cu_seqlens=cu_seqlens, use_qk_l2norm=True,
+        q, k, v = qkv.view(batch, seq, 3, heads, d).unbind(dim=2)
+        o, _ = delta_rule(q, k, v, beta.transpose(0, 1).sigmoid(), cu_seqlens=cu_seqlens, use_qk_l2norm=True,
                           backend=self.config.delta_rule_backend)
         o = self._o_norm(o).reshape(batch, seq, heads * d).transpose(0, 1).contiguous()
         out, _ = self.out_proj(o)
@@ -146,7 +153,7 @@ class DeltaNetMixer(MegatronModule):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """As MegatronModule's, with conv_weight declared TP-sharded on dim 0 (the default treats own parameters
-        as replicated)."""
+        as replicated) and the stacked tensors stored section by section."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         own = {}
         self._save_to_state_dict(own, "", keep_vars=True)
@@ -155,6 +162,9 @@ class DeltaNetMixer(MegatronModule):
         for name, module in self.named_children():
             sharded.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
                                                       tp_group=self.tp_group))
+        for key, param, names in ((f"{prefix}in_proj.weight", self.in_proj.weight, IN_PROJ_SECTIONS),
+                                  (f"{prefix}conv_weight", self.conv_weight, CONV_SECTIONS)):
+            sharded[key] = split_sharded_sections(sharded[key], param, names)
         return sharded
 
 
@@ -163,16 +173,11 @@ class DeltaNetMixer(MegatronModule):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def fla_to_fused_state(fla_state: dict, heads: int) -> dict:
+def fla_to_fused_state(fla_state: dict) -> dict:
     """fla ``DeltaNet`` state dict (use_beta, short convs without bias, no gate) -> DeltaNetMixer's full weights."""
-    q, k, v, b = (fla_state[f"{n}_proj.weight"] for n in "qkvb")
-    hidden = q.shape[1]
-    per_head = [w.reshape(heads, -1, hidden) for w in (q, k, v, b)]  # [H, d, hidden] x3, [H, 1, hidden]
-    convs = [fla_state[f"{n}_conv1d.weight"] for n in "qkv"]  # nn.Conv1d weights [H*d, 1, K]
-    conv_per_head = [w.reshape(heads, -1, w.shape[-1]) for w in convs]
     return {
-        "in_proj.weight": torch.cat(per_head, dim=1).reshape(-1, hidden),
-        "conv_weight": torch.cat(conv_per_head, dim=1).reshape(-1, convs[0].shape[-1]),
+        "in_proj.weight": torch.cat([fla_state[f"{n}_proj.weight"] for n in "qkvb"]),
+        "conv_weight": torch.cat([fla_state[f"{n}_conv1d.weight"].squeeze(1) for n in "qkv"]),  # [H*d, 1, K] each
         "o_norm_weight": fla_state["o_norm.weight"],
         "out_proj.weight": fla_state["o_proj.weight"],
     }
@@ -181,12 +186,9 @@ def fla_to_fused_state(fla_state: dict, heads: int) -> dict:
 def fused_to_fla_state(state: dict, heads: int) -> dict:
     """The inverse of :func:`fla_to_fused_state`."""
     in_proj, conv = state["in_proj.weight"], state["conv_weight"]
-    hidden, kernel = in_proj.shape[1], conv.shape[1]
     d = (in_proj.shape[0] // heads - 1) // 3
-    q, k, v, b = in_proj.reshape(heads, 3 * d + 1, hidden).split([d, d, d, 1], dim=1)
-    qc, kc, vc = conv.reshape(heads, 3 * d, kernel).split([d, d, d], dim=1)
-    out = {f"{n}_proj.weight": w.reshape(-1, hidden) for n, w in zip("qkvb", (q, k, v, b))}
-    out.update({f"{n}_conv1d.weight": w.reshape(heads * d, 1, kernel) for n, w in zip("qkv", (qc, kc, vc))})
+    out = {f"{n}_proj.weight": w for n, w in zip("qkvb", in_proj.split([heads * d] * 3 + [heads]))}
+    out.update({f"{n}_conv1d.weight": w.unsqueeze(1) for n, w in zip("qkv", conv.split(heads * d))})
     out["o_norm.weight"] = state["o_norm_weight"]
     out["o_proj.weight"] = state["out_proj.weight"]
     return out

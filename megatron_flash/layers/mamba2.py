@@ -12,18 +12,21 @@ G = config.mamba_num_groups groups of N = config.mamba_state_dim):
     y        = rmsnorm(y * silu(z)) * norm_weight  RMS over groups of d_inner/G channels, fp32
     out      = y W_out
 
-Megatron form. TP shards heads; the parameter layout is the same at every TP size, so a contiguous split of each
-full tensor is its TP shard (checkpoints reshard by plain splits):
+Megatron form. TP shards heads; a contiguous split of each full tensor is its TP shard, except for ``in_proj``,
+which is stacked from sections as in megatron's MambaMixer (models/layout.py: each rank holds its heads' part of
+every section; checkpoints store each section as a tensor of its own, ``in_proj.weight.z`` ..., so they load under
+any TP size):
 
-* ``in_proj.weight`` (column-parallel, [H*(2P+1), hidden]): rows per head, [z_h (P), x_h (P), dt_h (1)];
+* ``in_proj.weight`` (column-parallel, [H*(2P+1), hidden]): sections [z (d_inner), x (d_inner), dt (H)], head-major
+  within each; one rank's projection output is then [z | x | dt] of its heads, read in place with aligned loads;
 * ``bc_proj_weight`` ([2GN, hidden], B rows then C rows): replicated on every TP rank (one group cannot be split);
 * ``conv_x_weight`` / ``conv_x_bias`` ([d_inner, K] / [d_inner], TP-sharded): the conv channels of x, per head;
 * ``conv_bc_weight`` / ``conv_bc_bias`` ([2GN, K] / [2GN]): the conv channels of B then C, replicated;
 * ``dt_bias``, ``A_log``, ``D`` ([H]) and ``norm_weight`` ([d_inner]): TP-sharded by head;
 * ``out_proj.weight`` (row-parallel, [hidden, d_inner]): columns per head.
 
-The released checkpoint's ``in_proj`` is [z, x, B, C, dt] and its ``conv1d`` covers [x, B, C]: reordering rows is
-all an exporter needs.
+The released checkpoint's ``in_proj`` is [z, x, B, C, dt] and its ``conv1d`` covers [x, B, C]: inserting B and C
+is all an exporter needs.
 
 Replicated parameters: each rank uses B and C only for its own heads, so the gradient a rank computes for
 ``bc_proj_weight`` / ``conv_bc_*`` (and for the input through B/C) is its heads' share. They are used through
@@ -53,6 +56,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, mark_weight_norm
+from megatron_flash.models.layout import initialize_as_full, split_sharded_sections, stack_sections
 from megatron_flash.ops.rms_norm import gated_rms_norm
 from megatron_flash.ops.short_conv import causal_conv1d, conv_init_
 from megatron_flash.ops.ssd import ssd_scan
@@ -64,6 +68,8 @@ DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
 # Own parameters split over TP along dim 0 (by head); the others are replicated.
 TP_SHARDED_PARAMS = ("conv_x_weight", "conv_x_bias", "dt_bias", "A_log", "D", "norm_weight")
 REPLICATED_PARAMS = ("bc_proj_weight", "conv_bc_weight", "conv_bc_bias")
+# names of in_proj's sections (checkpoint keys ``in_proj.weight.<name>``)
+IN_PROJ_SECTIONS = ("z", "x", "dt")
 
 
 @dataclass
@@ -149,6 +155,7 @@ class Mamba2Mixer(MegatronModule):
             submodules.in_proj, config.hidden_size, self.heads * (2 * P + 1), config=config,
             init_method=config.init_method, gather_output=False, bias=False, skip_bias_add=False, is_expert=False,
             tp_comm_buffer_name="fc1", tp_group=self.tp_group)
+        stack_sections(self.in_proj.weight, [self.inner_local, self.inner_local, self.heads_local])
         mark_weight_norm(self.in_proj.weight, READS_RESIDUAL)
 
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
@@ -211,6 +218,8 @@ class Mamba2Mixer(MegatronModule):
             return
         conv_ = functools.partial(conv_init_, kernel=self.conv_kernel)
         with torch.no_grad():
+            if self.config.use_cpu_initialization:  # megatron's linear would shard its full draw contiguously
+                initialize_as_full(self.in_proj.weight, self.config.init_method, self.tp_size, self.tp_rank)
             self.config.init_method(self.bc_proj_weight)
             self._init_sharded(self.conv_x_weight, conv_)
             self._init_sharded(self.conv_x_bias, conv_)
@@ -236,13 +245,12 @@ class Mamba2Mixer(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, inputs: Optional[MixerInputs] = None) -> torch.Tensor:
         P, N = self.head_dim, self.state_dim
-        projected, _ = self.in_proj(hidden_states)  # [s, b, H_local*(2P+1)]: full sequence, this rank's heads
+        projected, _ = self.in_proj(hidden_states)  # [s, b, 2*inner_local + H_local]: full sequence, local heads
         seq, batch = projected.shape[:2]
         # split, not three slices: backward then writes the projection's gradient in one pass (one cat), where
-        # slices would each zero-fill and add a full-size tensor
-        per_head = projected.view(seq, batch, self.heads_local, 2 * P + 1)  # [s, b, H_local, 2P+1]
-        z, x, dt = per_head.split([P, P, 1], dim=-1)  # z is read in place by the norm, x by the conv (on GPUs)
-        dt = dt.squeeze(-1).transpose(0, 1)
+        # slices would each zero-fill and add a full-size tensor; z is read in place by the norm, x by the conv
+        z, x, dt = projected.split([self.inner_local, self.inner_local, self.heads_local], dim=-1)
+        dt = dt.transpose(0, 1)
         bc = self._project_bc(hidden_states).transpose(0, 1)  # [b, s, 2GN]
         cu_seqlens = self._cu_seqlens(inputs, seq, batch)
 
@@ -258,6 +266,7 @@ class Mamba2Mixer(MegatronModule):
             x.view(batch, seq, self.heads_local, P), F.softplus(_fp32(dt) + _fp32(self.dt_bias)),
             -torch.exp(_fp32(self.A_log)), Bm, Cm, _fp32(self.D), chunk_size=self.config.mamba_chunk_size,
             cu_seqlens=cu_seqlens, backend=self.config.ssd_backend)
+        z = z.view(seq, batch, self.heads_local, P)
         out, _ = self.out_proj(self._gated_rms_norm(y.transpose(0, 1), z).contiguous())
         return out
 
@@ -313,7 +322,8 @@ class Mamba2Mixer(MegatronModule):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """As MegatronModule's, with the TP-sharded own parameters declared split on dim 0 (the default treats
-        own parameters as replicated, which is right for bc_proj_weight and conv_bc_*)."""
+        own parameters as replicated, which is right for bc_proj_weight and conv_bc_*) and in_proj stored section
+        by section."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         own = {}
         self._save_to_state_dict(own, "", keep_vars=True)
@@ -323,4 +333,6 @@ class Mamba2Mixer(MegatronModule):
         for name, module in self.named_children():
             sharded.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
                                                       tp_group=self.tp_group))
+        key = f"{prefix}in_proj.weight"
+        sharded[key] = split_sharded_sections(sharded[key], self.in_proj.weight, IN_PROJ_SECTIONS)
         return sharded

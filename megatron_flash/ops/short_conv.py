@@ -2,14 +2,13 @@
 
 ``y[t, c] = act(bias[c] + sum_{i<K} weight[c, i] * x[t - K + 1 + i, c])``, with x = 0 before a sequence starts
 (or taken from ``initial_state``). Layout follows fla: x is [B, T, C], weight [C, K], states [N, C, K] holding the
-last K inputs of each sequence. x may also be [B, T, H, W] with channel c = h * W + w, e.g. the per-head slices of
-a projection; y is then [B, T, H*W]. With ``cu_seqlens`` (B must be 1) every document restarts from zero (or from
-its row of ``initial_state``).
+last K inputs of each sequence; x may have any strides (e.g. a slice of a projection's output). With
+``cu_seqlens`` (B must be 1) every document restarts from zero (or from its row of ``initial_state``).
 
 Backends:
 * ``triton`` (``short_conv_triton``: reads x in place through its strides; no states): what ``auto`` picks on
   CUDA tensors for training, where no state goes in or out;
-* ``fla`` (fla's Triton kernel, CUDA tensors; copies x to [B, T, C] first): ``auto``'s pick on CUDA with states;
+* ``fla`` (fla's Triton kernel, CUDA tensors; it copies a strided x first): ``auto``'s pick on CUDA with states;
 * ``torch`` (F.conv1d, any device).
 The loop in :func:`causal_conv1d_reference` is the definition all are tested against.
 """
@@ -114,8 +113,7 @@ def _resolve_backend(backend, x, with_states):
 
 def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, initial_state=None,
                   output_final_state=False, backend="auto"):
-    """Depthwise causal conv of x [B, T, C] or [B, T, H, W]. Returns (y [B, T, C], final_state [N, C, K] or
-    None)."""
+    """Depthwise causal conv of x [B, T, C]. Returns (y [B, T, C], final_state [N, C, K] or None)."""
     backend = _resolve_backend(backend, x, initial_state is not None or output_final_state)
     if backend == "triton":
         if _triton_causal_conv1d is None:
@@ -123,9 +121,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, initia
         if initial_state is not None or output_final_state:
             raise ValueError("short-conv backend 'triton' takes no states: use 'fla' or 'torch'")
         _check_packed(cu_seqlens, x.shape[0])  # the bounds themselves stay on the device: reading them would sync
-        x4 = x.unsqueeze(2) if x.dim() == 3 else x
-        return _triton_causal_conv1d(x4, weight, bias, _is_silu(activation), cu_seqlens), None
-    x = x.flatten(2)  # [B, T, C]; a copy where the channels are not one stride
+        return _triton_causal_conv1d(x, weight, bias, _is_silu(activation), cu_seqlens), None
     if backend == "fla":
         if _fla_causal_conv1d is None:
             raise RuntimeError("short-conv backend 'fla' needs flash-linear-attention (pip install '.[gpu]')")

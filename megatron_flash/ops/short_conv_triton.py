@@ -1,9 +1,13 @@
 """Triton kernels of the depthwise causal short conv (``ops.short_conv``'s ``triton`` backend), forward and backward.
 
-Why not fla's kernel: the layers' conv inputs are per-head slices of a projection's output in the [s, b] layout
-(DeltaNet's q/k/v, Mamba2's x) or its transpose (Mamba2's B/C). fla's kernel wants [B, T, C] with unit channel
-stride, so each call of it copied its input first. These kernels read x in place through four strides,
-x[b, t, h, w] with channel c = h * W + w, and write y and dx contiguous [B, T, C]. The backward recomputes the
+Why not fla's kernel: the layers' conv inputs are slices of a projection's output in megatron's [s, b] layout
+(DeltaNet's q/k/v, Mamba2's x) seen as [B, T, C], or its transpose (Mamba2's B/C). fla's kernel wants a contiguous
+[B, T, C], so each call of it copied its input first. These kernels read x in place through its three strides and
+write y contiguous [B, T, C] and dx in x's order of batch and time (so that the layers' concatenation of the
+projection's gradient copies dense pieces). With a unit channel stride and 16-byte aligned rows (the layers' projections
+are laid out so: models/layout.py), Triton's specialization of such arguments gives vectorized loads. (The
+earlier per-head rows of 385 and 129 elements allowed only 2-byte loads: ~1 TB/s in a profile of the 1B step.)
+The backward recomputes the
 pre-activation and writes the gradient g at it (one kernel), then reads x once and g at the K shifted positions for
 dx, and for the weight and bias gradients as per-tile partial sums (fla's pairing: tap K-1-j sums g[t+j] * x[t]),
 reduced by one deterministic ``sum`` (no atomics).
@@ -57,12 +61,7 @@ def _document_starts(starts, t, valid_t, BT: tl.constexpr, HAS_STARTS: tl.conste
 
 
 @triton.jit
-def _channel_offsets(c, W, stride_h, stride_w):
-    return (c // W).to(tl.int64) * stride_h + (c % W).to(tl.int64) * stride_w
-
-
-@triton.jit
-def _conv_pre_activation_kernel(x, w, b, starts, dy, out, T, C, W, stride_xb, stride_xt, stride_xh, stride_xw,
+def _conv_pre_activation_kernel(x, w, b, starts, dy, out, T, C, stride_xb, stride_xt, stride_xc,
                                 stride_db, stride_dt, stride_dc, K: tl.constexpr, BT: tl.constexpr,
                                 BC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STARTS: tl.constexpr,
                                 SILU: tl.constexpr, GRAD: tl.constexpr):
@@ -74,7 +73,7 @@ def _conv_pre_activation_kernel(x, w, b, starts, dy, out, T, C, W, stride_xb, st
     valid_t, valid_c = t < T, c < C
     valid = valid_t[:, None] & valid_c[None, :]
     x_b = x + pid_b.to(tl.int64) * stride_xb
-    x_c = _channel_offsets(c, W, stride_xh, stride_xw)
+    x_c = c.to(tl.int64) * stride_xc
     first = _document_starts(starts, t, valid_t, BT, HAS_STARTS)
     a = _pre_activation(x_b, w, b, t, first, valid_t, x_c, c, valid_c, stride_xt, K, BT, BC, HAS_BIAS)
     if GRAD:
@@ -91,8 +90,8 @@ def _conv_pre_activation_kernel(x, w, b, starts, dy, out, T, C, W, stride_xb, st
 
 
 @triton.jit
-def _conv_bwd_kernel(x, w, starts, g, dx, dw_part, db_part, T, C, W, n_t_tiles,
-                     stride_xb, stride_xt, stride_xh, stride_xw, stride_gb, stride_gt, stride_gc,
+def _conv_bwd_kernel(x, w, starts, g, dx, dw_part, db_part, T, C, n_t_tiles,
+                     stride_xb, stride_xt, stride_xc, stride_gb, stride_gt, stride_gc, stride_dxb, stride_dxt,
                      K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_STARTS: tl.constexpr):
     """With g the gradient of the pre-activation: dx[t] = sum_j w[K-1-j] * g[t+j] and the partial sums
@@ -102,7 +101,7 @@ def _conv_bwd_kernel(x, w, starts, g, dx, dw_part, db_part, T, C, W, n_t_tiles,
     t = pid_t * BT + tl.arange(0, BT)
     c = pid_c * BC + tl.arange(0, BC)
     valid_t, valid_c = t < T, c < C
-    x_c = _channel_offsets(c, W, stride_xh, stride_xw)
+    x_c = c.to(tl.int64) * stride_xc
     x_own = tl.load(x + pid_b.to(tl.int64) * stride_xb + t.to(tl.int64)[:, None] * stride_xt + x_c[None, :],
                     mask=valid_t[:, None] & valid_c[None, :], other=0.0).to(tl.float32)
     g_b = g + pid_b.to(tl.int64) * stride_gb
@@ -120,21 +119,20 @@ def _conv_bwd_kernel(x, w, starts, g, dx, dw_part, db_part, T, C, W, n_t_tiles,
         tl.store(dw_part + (part * K + (K - 1 - j)) * C + c, tl.sum(g_u * x_own, axis=0), mask=valid_c)
         if HAS_BIAS and j == 0:
             tl.store(db_part + part * C + c, tl.sum(g_u, axis=0), mask=valid_c)
-    out = dx + (pid_b.to(tl.int64) * T + t.to(tl.int64))[:, None] * C + c[None, :]
+    out = dx + pid_b.to(tl.int64) * stride_dxb + t.to(tl.int64)[:, None] * stride_dxt + c[None, :]
     tl.store(out, dx_acc.to(dx.dtype.element_ty), mask=valid_t[:, None] & valid_c[None, :])
 
 
 class ShortConvFunction(torch.autograd.Function):
-    """y [B, T, H*W] = act(causal depthwise conv of x [B, T, H, W]); x any strides, y contiguous."""
+    """y [B, T, C] = act(causal depthwise conv of x [B, T, C]); x any strides, y contiguous."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, silu, starts):
-        batch, length, heads, width = x.shape
-        channels = heads * width
+        batch, length, channels = x.shape
         y = torch.empty(batch, length, channels, dtype=x.dtype, device=x.device)
         bt, bc = FWD_TILE
         grid = (triton.cdiv(length, bt), triton.cdiv(channels, bc), batch)
-        _conv_pre_activation_kernel[grid](x, weight, bias, starts, None, y, length, channels, width, *x.stride(),
+        _conv_pre_activation_kernel[grid](x, weight, bias, starts, None, y, length, channels, *x.stride(),
                                           0, 0, 0, K=weight.shape[1], BT=bt, BC=bc, HAS_BIAS=bias is not None,
                                           HAS_STARTS=starts is not None, SILU=silu, GRAD=False)
         ctx.save_for_backward(x, weight, bias, starts)
@@ -144,8 +142,8 @@ class ShortConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, starts = ctx.saved_tensors
-        batch, length, heads, width = x.shape
-        channels, k = weight.shape
+        batch, length, channels = x.shape
+        k = weight.shape[1]
         bt, bc = BWD_TILE
         n_t_tiles = triton.cdiv(length, bt)
         grid = (n_t_tiles, triton.cdiv(channels, bc), batch)
@@ -153,21 +151,23 @@ class ShortConvFunction(torch.autograd.Function):
         g = dy
         if ctx.silu:  # the gradient of the pre-activation, from its recomputation
             g = torch.empty(batch, length, channels, dtype=dy.dtype, device=dy.device)
-            _conv_pre_activation_kernel[grid](x, weight, bias, starts, dy, g, length, channels, width, *x.stride(),
+            _conv_pre_activation_kernel[grid](x, weight, bias, starts, dy, g, length, channels, *x.stride(),
                                               *dy.stride(), SILU=True, GRAD=True, **meta)
-        dx = torch.empty(batch, length, heads, width, dtype=x.dtype, device=x.device)
+        # dx dense in x's order of batch and time (x may be a [T, B, ...] tensor seen as [B, T, C])
+        dx = (torch.empty(length, batch, channels, dtype=x.dtype, device=x.device).transpose(0, 1)
+              if x.stride(0) < x.stride(1) else torch.empty(batch, length, channels, dtype=x.dtype, device=x.device))
         dw_part = torch.empty(batch * n_t_tiles, k, channels, dtype=torch.float32, device=x.device)
         db_part = (torch.empty(batch * n_t_tiles, channels, dtype=torch.float32, device=x.device)
                    if bias is not None else None)
-        _conv_bwd_kernel[grid](x, weight, starts, g, dx, dw_part, db_part, length, channels, width, n_t_tiles,
-                               *x.stride(), *g.stride(), **meta)
+        _conv_bwd_kernel[grid](x, weight, starts, g, dx, dw_part, db_part, length, channels, n_t_tiles,
+                               *x.stride(), *g.stride(), *dx.stride()[:2], **meta)
         dw = dw_part.sum(0).t().to(weight.dtype)
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return dx, dw, db, None, None
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias, silu: bool, cu_seqlens) -> torch.Tensor:
-    """x [B, T, H, W] (any strides), weight [H*W, K], bias [H*W] or None; returns y [B, T, H*W]."""
+    """x [B, T, C] (any strides), weight [C, K], bias [C] or None; returns y [B, T, C]."""
     starts = None
     if cu_seqlens is not None:  # each position's document start, computed on the device without a sync
         bounds = cu_seqlens.to(device=x.device, dtype=torch.int32)
