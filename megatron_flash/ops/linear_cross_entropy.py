@@ -10,8 +10,10 @@ with each token's incoming gradient applied to the rows of the input: it recompu
 was a third matmul, 13 ms per 1B step on an H200). With ``recompute_logits`` forward keeps only the log-sum-exp and
 backward recomputes the logits over chunks of vocabulary rows (each chunk's weight gradient is then one matmul):
 one more matmul for none of that memory, for long sequences. The softmax is fp32 whatever the input dtype
-(matmuls run in the input dtype with fp32 accumulation); on GPUs each chunk's softmax passes are fused kernels
-(ops/compile.py) that read the logits in the matmul's dtype once.
+(matmuls run in the input dtype with fp32 accumulation); on GPUs each chunk's softmax passes are Triton kernels
+(ops/cross_entropy_triton.py): one read of the logits in the matmul's dtype for the log-sum-exp and the label's
+logit, one read and one write into the kept gradient. Under TP each rank's log-sum-exp over its columns is combined
+as ``M + log(sum_ranks exp(lse_rank - M))`` with M the largest.
 
 Under TP the input must enter through ``copy_to_tensor_model_parallel_region`` (as megatron's ColumnParallelLinear
 does): this op returns each rank's partial input gradient and that region all-reduces it.
@@ -25,7 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_flash.ops.compile import compiled_on_cuda
+try:  # the softmax passes' kernels: need triton
+    from megatron_flash.ops import cross_entropy_triton
+except ImportError:  # pragma: no cover - triton is an optional (gpu) dependency
+    cross_entropy_triton = None
 
 # Each chunk's logits hold about this many elements (512 MiB in bf16).
 CHUNK_ELEMENTS = 2**28
@@ -55,25 +60,53 @@ def _real_logits(logits, valid: int):
     return logits.float().masked_fill(columns >= valid, float("-inf"))
 
 
-@compiled_on_cuda
-def _target_and_peak(logits, local, here, valid: int):
-    """Each token's logit of its label (0 where the label is on another rank) and its largest logit."""
+def _local_lse_and_target(logits, local, here, valid: int):
+    """Each token's log-sum-exp over this rank's real columns (-inf where it has none) and its logit of its label
+    (0 where the label is on another rank). The definition of cross_entropy_triton.local_lse_and_target."""
     wide = _real_logits(logits, valid)
-    return torch.where(here, wide.gather(1, local[:, None]).squeeze(1), 0.0), wide.amax(dim=1)
+    return torch.logsumexp(wide, dim=1), torch.where(here, wide.gather(1, local[:, None]).squeeze(1), 0.0)
 
 
-@compiled_on_cuda
-def _sum_exp(logits, peak, valid: int):
-    return (_real_logits(logits, valid) - peak[:, None]).exp().sum(dim=1)
-
-
-@compiled_on_cuda
 def _grad_logits(logits, lse, local, here, valid: int):
-    """d loss / d logits = softmax - onehot(label), in the logits' dtype (zero in the padding columns)."""
+    """d loss / d logits = softmax - onehot(label), in the logits' dtype (zero in the padding columns). The
+    definition of cross_entropy_triton.grad_logits."""
     columns = torch.arange(logits.shape[1], device=logits.device)
     onehot = (columns[None, :] == local[:, None]) & here[:, None]
     probs = (_real_logits(logits, valid) - lse[:, None]).exp()
     return (probs - onehot.float()).to(logits.dtype)
+
+
+def _on_triton(tensor) -> bool:
+    """The softmax passes run as Triton kernels on CUDA tensors, and on CPU tensors under Triton's interpreter
+    (TRITON_INTERPRET=1: how the CPU tests run them through the whole op); eagerly otherwise."""
+    return cross_entropy_triton is not None and (tensor.is_cuda or cross_entropy_triton.INTERPRETED)
+
+
+def _lse_and_target_pass(logits, local, here, valid: int):
+    """:func:`_local_lse_and_target` by its Triton kernel where :func:`_on_triton`."""
+    if _on_triton(logits):
+        return cross_entropy_triton.local_lse_and_target(logits, local, here, valid)
+    return _local_lse_and_target(logits, local, here, valid)
+
+
+def _write_grad_logits(out, logits, lse, local, here, valid: int):
+    """:func:`_grad_logits` into ``out`` (a slice of the kept gradient, or ``logits`` itself), by its Triton kernel
+    where :func:`_on_triton`."""
+    if _on_triton(logits):
+        return cross_entropy_triton.grad_logits(logits, lse, local, here, valid, out)
+    return out.copy_(_grad_logits(logits, lse, local, here, valid))
+
+
+def _lse_over_ranks(local_lse, group):
+    """The log-sum-exp over all ranks' columns from each rank's over its own: M + log(sum exp(lse_rank - M)), M the
+    largest. A rank holding only padding adds exp(-inf) = 0; where every rank's is -inf (no real column at all), M
+    is taken as 0 so that -inf - M is no NaN."""
+    peak = local_lse.clone()
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    peak.masked_fill_(peak == float("-inf"), 0.0)
+    sum_exp = (local_lse - peak).exp_()
+    dist.all_reduce(sum_exp, group=group)
+    return sum_exp.log_().add_(peak)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -91,15 +124,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_logits = torch.empty(n, span, dtype=hidden.dtype, device=hidden.device) if keep_grad_logits else None
         for s, e in _spans(n, local_vocab, chunk_elements):  # the same spans on every rank: all-reduces pair up
             logits = hidden[s:e] @ weight[:span].t()
-            target[s:e], peak = _target_and_peak(logits, local[s:e], here[s:e], real)
-            if group is not None:
-                dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-            sum_exp = _sum_exp(logits, peak, real)
-            if group is not None:
-                dist.all_reduce(sum_exp, group=group)
-            lse[s:e] = sum_exp.log_() + peak
+            chunk_lse, target[s:e] = _lse_and_target_pass(logits, local[s:e], here[s:e], real)
+            lse[s:e] = chunk_lse if group is None else _lse_over_ranks(chunk_lse, group)
             if keep_grad_logits:
-                grad_logits[s:e] = _grad_logits(logits, lse[s:e], local[s:e], here[s:e], real)
+                _write_grad_logits(grad_logits[s:e], logits, lse[s:e], local[s:e], here[s:e], real)
         if group is not None:
             dist.all_reduce(target, group=group)
         ctx.save_for_backward(hidden, weight, grad_logits, lse, local, here)
@@ -121,8 +149,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return grad_hidden, grad_weight, None, None, None, None, None, None
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         for r, r_end in _spans(span, hidden.shape[0], ctx.chunk_elements, multiple=ALIGN_ROWS):
-            # a label outside rows [r, r_end) matches no column of this chunk: the onehot is zero there
-            rows_grad = _grad_logits(hidden @ weight[r:r_end].t(), lse, local - r, here, min(ctx.real - r, r_end - r))
+            # a label outside rows [r, r_end) matches no column of this chunk: the onehot is zero there. The
+            # gradient overwrites the logits, a temporary.
+            logits = hidden @ weight[r:r_end].t()
+            rows_grad = _write_grad_logits(logits, logits, lse, local - r, here, min(ctx.real - r, r_end - r))
             grad_hidden += rows_grad @ weight[r:r_end]
             torch.mm(rows_grad.t(), scaled_hidden, out=grad_weight[r:r_end])
         return (grad_hidden * scale).to(hidden.dtype), grad_weight, None, None, None, None, None, None
