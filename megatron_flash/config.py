@@ -114,8 +114,8 @@ def make_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
-        # megatron's SwiGLU autograd function: its jit_fuser (torch.compile) makes forward and backward one kernel
-        # each on GPUs; with dynamo off (the CPU runtime) the same functions run eagerly
+        # read by megatron's MLP.forward only, which FFNMixer.forward runs for settings other than bias-free SwiGLU
+        # (that one is ops.swiglu): there it picks megatron's fused activations, compiled on GPUs, eager on the CPU
         bias_activation_fusion=True,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,

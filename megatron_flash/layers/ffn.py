@@ -8,6 +8,7 @@ from megatron.core.transformer.mlp import MLP
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, mark_weight_norm
 from megatron_flash.models.layout import initialize_as_full, stack_sections
+from megatron_flash.ops.swiglu import swiglu
 
 
 class FFNMixer(MLP):
@@ -31,5 +32,17 @@ class FFNMixer(MLP):
                                parallel_state.get_tensor_model_parallel_rank())
 
     def forward(self, hidden_states: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
-        out, bias = super().forward(hidden_states)
+        config = self.config
+        # ops.swiglu's backward reads y and g once where megatron's bias_swiglu_impl reads them twice; any setting
+        # outside plain bias-free SwiGLU (a bias, a clamp or offset, TE's activation, an fp8-stored input) stays
+        # with megatron's MLP.forward
+        plain_swiglu = (config.gated_linear_unit and config.activation_func is torch.nn.functional.silu
+                        and not config.add_bias_linear and not config.use_te_activation_func
+                        and config.activation_func_clamp_value is None and config.glu_linear_offset == 0.0
+                        and not config.activation_func_fp8_input_store)
+        if plain_swiglu:
+            fc1_out, _ = self.linear_fc1(hidden_states)
+            out, bias = self.linear_fc2(swiglu(fc1_out))
+        else:
+            out, bias = super().forward(hidden_states)
         return out if bias is None else out + bias
