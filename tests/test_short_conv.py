@@ -1,6 +1,6 @@
 """ops.short_conv: every backend against the loop in causal_conv1d_reference, values and gradients, on awkward
-sizes: packed documents shorter than the kernel, states, strided slices of a projection; fla's kernel on a GPU, ours on a GPU
-or on the CPU under Triton's interpreter (a subprocess with TRITON_INTERPRET=1, which triton reads at import)."""
+sizes: packed documents shorter than the kernel, states, strided slices of a projection; fla's kernel on a GPU,
+ours on a GPU or on the CPU under Triton's interpreter (a subprocess with TRITON_INTERPRET=1, which triton reads at import)."""
 
 import importlib.util
 import os
