@@ -2,25 +2,15 @@
 Triton kernels against the eager functions they replace, on a GPU or on the CPU under Triton's interpreter (a
 subprocess with TRITON_INTERPRET=1, which triton reads at import; the whole op then runs its kernels there too)."""
 
-import importlib.util
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megatron_flash.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from megatron_flash.testing import run_distributed
+from tests.triton_kernels import TRITON_DEVICE, needs_triton_kernels, run_under_interpreter, starts_the_interpreter
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton_kernels = pytest.mark.skipif(
-    not HAVE_TRITON or not (torch.cuda.is_available() or INTERPRETED),
-    reason="the Triton kernels run on GPUs, or on the CPU under TRITON_INTERPRET=1 "
-           "(test_triton_kernels_under_the_interpreter starts that)")
 
 
 def _inputs(n=70, h=24, padded_vocab=40, dtype=torch.float32, seed=0):
@@ -245,8 +235,7 @@ def test_triton_kernels_refuse_arguments_they_would_misread():
                                          out=logits)
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
-@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the kernel tests run directly here")
+@starts_the_interpreter
 def test_triton_kernels_under_the_interpreter():
     """Runs the kernel tests above in a subprocess under Triton's interpreter, and the op's own tests there, where
     it runs its softmax passes through the kernels: one vocabulary split with a rank holding only padding (-inf
@@ -255,10 +244,7 @@ def test_triton_kernels_under_the_interpreter():
         "test_triton_lse_and_target_match_the_eager_pass", "test_triton_grad_logits_match_the_eager_pass",
         "test_triton_kernels_refuse_arguments_they_would_misread", "test_matches_full_logits_with_vocab_padding",
         "test_bf16_close_to_fp32_definition", "test_tensor_parallel_vocab_split_matches_one_rank[15-False]")]
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = run_under_interpreter(tests)
     # the kernel cases (twice for the gradient), the refusals, 8 full-logits cases, bf16's 2 on the cpu, 1 split
     expected = 3 * len(KERNEL_CASES) + 1 + 8 + 2 + 1
     assert re.search(rf"\b{expected} passed", summary), summary

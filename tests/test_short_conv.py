@@ -1,27 +1,17 @@
 """ops.short_conv: every backend against the loop in causal_conv1d_reference, values and gradients, on awkward
 sizes: packed documents shorter than the kernel, states, strided slices of a projection; fla's kernel on a GPU,
-ours on a GPU or on the CPU under Triton's interpreter (a subprocess with TRITON_INTERPRET=1, which triton reads at import)."""
+ours on a GPU or on the CPU under Triton's interpreter (tests/triton_kernels.py)."""
 
-import importlib.util
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megatron_flash.ops.short_conv import causal_conv1d, causal_conv1d_reference
+from tests.triton_kernels import TRITON_DEVICE, needs_triton_kernels, run_under_interpreter, starts_the_interpreter
 
 K = 4
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's kernel runs on GPUs only")
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton_kernels = pytest.mark.skipif(
-    not HAVE_TRITON or not (torch.cuda.is_available() or INTERPRETED),
-    reason="our Triton kernels run on GPUs, or on the CPU under TRITON_INTERPRET=1 "
-           "(test_triton_kernels_under_the_interpreter starts that)")
 
 
 def _tensors(batch, length, channels, dtype, device="cpu", seed=0):
@@ -164,16 +154,10 @@ def test_triton_backend_refuses_states():
         causal_conv1d(x, w, cu_seqlens=torch.tensor([0, 9], device=TRITON_DEVICE), backend="triton")
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
-@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the kernel tests run directly here")
+@starts_the_interpreter
 def test_triton_kernels_under_the_interpreter():
     """Runs the two tests above in a subprocess under Triton's interpreter; they must pass, not skip."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "triton_kernels_match or triton_backend_refuses"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = run_under_interpreter([__file__, "-k", "triton_kernels_match or triton_backend_refuses"])
     assert re.search(r"\b3 passed", summary) and "skipped" not in summary, summary
 
 

@@ -4,11 +4,7 @@ a masked tail, a row stride beyond 2F, leading dimensions that only a copy flatt
 or on the CPU under Triton's interpreter (a subprocess with TRITON_INTERPRET=1, which triton reads at import).
 FFNMixer against megatron's own MLP.forward on the same weights, on the CPU or a GPU."""
 
-import importlib.util
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,14 +12,8 @@ import torch
 from megatron_flash.ops import swiglu as swiglu_module
 from megatron_flash.ops.swiglu import OnePassSwiGLUFunction, swiglu, swiglu_reference
 from megatron_flash.testing import relative_error, run_distributed
+from tests.triton_kernels import TRITON_DEVICE, needs_triton_kernels, run_under_interpreter, starts_the_interpreter
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton_kernels = pytest.mark.skipif(
-    not HAVE_TRITON or not (torch.cuda.is_available() or INTERPRETED),
-    reason="the Triton kernels run on GPUs, or on the CPU under TRITON_INTERPRET=1 "
-           "(test_triton_kernels_under_the_interpreter starts that)")
 
 # (leaf shape, y [..., 2F] as a function of the leaf, column block or None for the module's own)
 CASES = {
@@ -144,16 +134,10 @@ def test_triton_kernels_save_only_the_input_and_take_empty_inputs():
 TRITON_KERNEL_TESTS = 2 * len(CASES) + 1
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
-@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the kernel tests run directly here")
+@starts_the_interpreter
 def test_triton_kernels_under_the_interpreter():
     """Runs the triton_kernels tests above in a subprocess under Triton's interpreter; they must pass, not skip."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "triton_kernels_match or triton_kernels_save"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = run_under_interpreter([__file__, "-k", "triton_kernels_match or triton_kernels_save"])
     assert re.search(rf"\b{TRITON_KERNEL_TESTS} passed", summary) and "skipped" not in summary, summary
 
 
