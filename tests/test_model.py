@@ -172,3 +172,22 @@ def _loss_against_logits():
 
 def test_fused_loss_equals_cross_entropy_of_the_logits():
     assert run_distributed(_loss_against_logits, world_size=1) == [True]
+
+
+def test_dense_grad_passes_values_and_makes_the_gradient_contiguous():
+    """layers.base.dense_grad on a piece of a split that is used transposed: the same values forward; backward, the
+    gradient reaching the split is the same numbers, contiguous (the split's cat then takes its vectorized kernel)."""
+    from megatron_flash.layers.base import dense_grad
+
+    projected = torch.randn(5, 3, 7, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 5, 4, dtype=torch.float64)
+    grads = {}
+    for dense in (False, True):
+        projected.grad = None
+        wide, narrow = projected.split([3, 4], dim=-1)
+        narrow.register_hook(lambda g, dense=dense: grads.__setitem__(dense, g))
+        used = (dense_grad(narrow) if dense else narrow).transpose(0, 1)
+        assert torch.equal(used, narrow.transpose(0, 1))
+        ((used * weights).sum() + wide.sum()).backward()
+    assert not grads[False].is_contiguous() and grads[True].is_contiguous()
+    assert torch.equal(grads[True], grads[False])

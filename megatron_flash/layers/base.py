@@ -36,6 +36,25 @@ def mark_weight_norm(param: torch.nn.Parameter, kind: str) -> None:
     param.weight_norm = kind
 
 
+class _DenseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def dense_grad(piece: torch.Tensor) -> torch.Tensor:
+    """``piece`` itself; its gradient made contiguous in backward.
+
+    For the pieces of a projection's output split along the last dimension (the split's backward is one ``cat``)
+    that are used transposed: their gradients arrive as transposed views, and one non-contiguous input sends the
+    whole ``cat`` down PyTorch's element-by-element kernel instead of its vectorized one."""
+    return _DenseGrad.apply(piece)
+
+
 @dataclass
 class MixerInputs:
     """Per-forward inputs shared by all layers of the stack."""

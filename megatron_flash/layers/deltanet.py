@@ -40,7 +40,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, mark_weight_norm
+from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, dense_grad, mark_weight_norm
 from megatron_flash.models.layout import initialize_as_full, split_sharded_sections, stack_sections
 from megatron_flash.ops.delta_rule import delta_rule
 from megatron_flash.ops.rms_norm import rms_norm
@@ -120,15 +120,17 @@ class DeltaNetMixer(MegatronModule):
         d, heads = self.head_dim, self.heads_local
         projected, _ = self.in_proj(hidden_states)  # [s, b, 3*heads*d + heads]: full sequence, this rank's heads
         seq, batch = projected.shape[:2]
-        # split, not slices: backward writes the projection's gradient in one pass (one cat of two aligned pieces)
+        # split, not slices: backward writes the projection's gradient in one pass (one cat of two aligned pieces,
+        # both dense: the conv writes qkv's so)
         qkv, beta = projected.split([3 * heads * d, heads], dim=-1)
+        beta = dense_grad(beta).transpose(0, 1).sigmoid()  # [b, s, heads]
         cu_seqlens = self._cu_seqlens(inputs, batch)
 
         # [b, s, 3*heads*d], read in place on GPUs
         qkv, _ = causal_conv1d(qkv.transpose(0, 1), self.conv_weight, activation="silu", cu_seqlens=cu_seqlens,
                                backend=self.config.short_conv_backend)
         q, k, v = qkv.view(batch, seq, 3, heads, d).unbind(dim=2)
-        o, _ = delta_rule(q, k, v, beta.transpose(0, 1).sigmoid(), cu_seqlens=cu_seqlens, use_qk_l2norm=True,
+        o, _ = delta_rule(q, k, v, beta, cu_seqlens=cu_seqlens, use_qk_l2norm=True,
                           backend=self.config.delta_rule_backend)
         o = self._o_norm(o).reshape(batch, seq, heads * d).transpose(0, 1).contiguous()
         out, _ = self.out_proj(o)

@@ -55,7 +55,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, mark_weight_norm
+from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, dense_grad, mark_weight_norm
 from megatron_flash.models.layout import initialize_as_full, split_sharded_sections, stack_sections
 from megatron_flash.ops.rms_norm import gated_rms_norm
 from megatron_flash.ops.short_conv import causal_conv1d, conv_init_
@@ -250,7 +250,7 @@ class Mamba2Mixer(MegatronModule):
         # split, not three slices: backward then writes the projection's gradient in one pass (one cat), where
         # slices would each zero-fill and add a full-size tensor; z is read in place by the norm, x by the conv
         z, x, dt = projected.split([self.inner_local, self.inner_local, self.heads_local], dim=-1)
-        dt = dt.transpose(0, 1)
+        z, dt = dense_grad(z), dense_grad(dt).transpose(0, 1)  # x's gradient is dense already: the conv writes it so
         bc = self._project_bc(hidden_states).transpose(0, 1)  # [b, s, 2GN]
         cu_seqlens = self._cu_seqlens(inputs, seq, batch)
 
