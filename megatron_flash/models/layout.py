@@ -49,7 +49,7 @@ def full_from_shards(shards: list[torch.Tensor], param) -> torch.Tensor:
     dim, sections = param.partition_dim, local_sections(param)
     if sections:
         pieces = [shard.split(list(sections), dim=dim) for shard in shards]  # [rank][section]
-        return torch.cat([torch.cat(per_rank, dim=dim) for per_rank in zip(*pieces)], dim=dim)
+        return torch.cat([torch.cat(ranks_pieces, dim=dim) for ranks_pieces in zip(*pieces)], dim=dim)
     return torch.cat(shards, dim=dim)
 
 
