@@ -30,17 +30,16 @@ class FFNMixer(MLP):
             # halves would come from other rows than at TP=1
             initialize_as_full(fc1, config.init_method, parallel_state.get_tensor_model_parallel_world_size(),
                                parallel_state.get_tensor_model_parallel_rank())
-
-    def forward(self, hidden_states: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
-        config = self.config
         # ops.swiglu's backward reads y and g once where megatron's bias_swiglu_impl reads them twice; any setting
         # outside plain bias-free SwiGLU (a bias, a clamp or offset, TE's activation, an fp8-stored input) stays
         # with megatron's MLP.forward
-        plain_swiglu = (config.gated_linear_unit and config.activation_func is torch.nn.functional.silu
-                        and not config.add_bias_linear and not config.use_te_activation_func
-                        and config.activation_func_clamp_value is None and config.glu_linear_offset == 0.0
-                        and not config.activation_func_fp8_input_store)
-        if plain_swiglu:
+        self.plain_swiglu = (config.gated_linear_unit and config.activation_func is torch.nn.functional.silu
+                             and not config.add_bias_linear and not config.use_te_activation_func
+                             and config.activation_func_clamp_value is None and config.glu_linear_offset == 0.0
+                             and not config.activation_func_fp8_input_store)
+
+    def forward(self, hidden_states: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        if self.plain_swiglu:
             fc1_out, _ = self.linear_fc1(hidden_states)
             out, bias = self.linear_fc2(swiglu(fc1_out))
         else:

@@ -235,9 +235,7 @@ class Mamba2Mixer(MegatronModule):
             with get_cuda_rng_tracker().fork():
                 init_(param)
             return
-        full = torch.empty(param.shape[0] * self.tp_size, *param.shape[1:], dtype=torch.float32)
-        init_(full)
-        param.copy_(full.chunk(self.tp_size, dim=0)[self.tp_rank])
+        initialize_as_full(param, init_, self.tp_size, self.tp_rank)
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward
