@@ -18,6 +18,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, mark_weight_norm
+from megatron_flash.ops.rope import apply_rope, rope_angles
 
 
 def window_of(config, layer_number: int) -> Optional[int]:
@@ -79,17 +80,36 @@ class SDPAttention(MegatronModule):
 
 
 class AttentionMixer(SelfAttention):
-    """Causal self-attention as a mixer: GQA, RoPE on every head, full or sliding window."""
+    """Causal self-attention as a mixer: GQA, RoPE on every head, full or sliding window.
+
+    RoPE is applied here, fused (ops/rope.py), not by megatron's SelfAttention.forward, whose RoPE without Transformer
+    Engine is unfused: forward hands megatron no angles and keeps them for :meth:`get_query_key_value_tensors`, the
+    hook megatron calls for q, k and v (SelfAttention.forward takes no other per-call input that could carry them).
+    """
 
     def __init__(self, config, layer_number: int, submodules, pg_collection=None):
         super().__init__(config, submodules, layer_number, attn_mask_type=AttnMaskType.causal,
                          pg_collection=pg_collection)
         mark_weight_norm(self.linear_qkv.weight, READS_RESIDUAL)
         mark_weight_norm(self.linear_proj.weight, WRITES_RESIDUAL)
+        self._rope_angles = self._cu_seqlens = None  # this forward's RoPE angle table [n, 1, 1, d], documents
 
     def forward(self, hidden_states: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
-        out, bias = super().forward(hidden_states, attention_mask=inputs.attention_mask,
-                                    rotary_pos_emb=inputs.rotary_pos_emb,
-                                    packed_seq_params=inputs.packed_seq_params)
+        self._rope_angles, self._cu_seqlens = inputs.rotary_pos_emb, None
+        if inputs.packed_seq_params is not None:
+            self._cu_seqlens = inputs.packed_seq_params.cu_seqlens_q
+        try:
+            out, bias = super().forward(hidden_states, attention_mask=inputs.attention_mask, rotary_pos_emb=None,
+                                        packed_seq_params=inputs.packed_seq_params)
+        finally:
+            self._rope_angles = self._cu_seqlens = None
         return out if bias is None else out + bias
 
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        """megatron's q [s, b, heads, d], k, v [s, b, kv heads, d], with RoPE applied to q and k."""
+        query, key, value = super().get_query_key_value_tensors(hidden_states, key_value_states,
+                                                                output_gate=output_gate, split_qkv=split_qkv)
+        if self._rope_angles is not None:
+            angles = rope_angles(self._rope_angles, query.shape[0], self._cu_seqlens)
+            query, key = apply_rope(query, angles), apply_rope(key, angles)
+        return query, key, value
