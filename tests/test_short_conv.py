@@ -43,15 +43,25 @@ def _assert_matches(got, want, dtype, tol):
             assert (g.double() - r).norm() / r.norm() < tol
 
 
+def _conv_flattened(x, weight, bias, activation, cu_seqlens, backend, sections):
+    """causal_conv1d's y as [B, T, C]; with ``sections``, after checking its shape [B, T, S, C/S] and, on the
+    triton backend, that each section is contiguous."""
+    y = causal_conv1d(x, weight, bias, activation, cu_seqlens=cu_seqlens, backend=backend, sections=sections)[0]
+    if sections == 1:
+        return y
+    assert y.shape == (*x.shape[:2], sections, x.shape[-1] // sections)
+    assert backend != "triton" or all(y[:, :, i].is_contiguous() for i in range(sections))
+    return y.flatten(-2)
+
+
 def _compare(dtype, tol, backend="torch", device="cpu", bias=True, activation="silu", cu_seqlens=None, batch=2,
-             length=37, channels=13):
+             length=37, channels=13, sections=1):
     """Output and gradients of ``backend`` against the reference in fp64 on the same values: elementwise within
     ``tol`` (a dict for assert_close), or, for a float, within ``tol`` of relative error ||a - b|| / ||b||."""
     x, w, b = _tensors(batch, length, channels, dtype, device)
     b = b if bias else None
     leaves = [t for t in (x, w, b) if t is not None]
-    got = _value_and_grads(lambda: causal_conv1d(x, w, b, activation, cu_seqlens=cu_seqlens, backend=backend)[0],
-                           leaves)
+    got = _value_and_grads(lambda: _conv_flattened(x, w, b, activation, cu_seqlens, backend, sections), leaves)
     wide = [t.detach().double().requires_grad_() for t in leaves]
     x64, w64, b64 = wide[0], wide[1], (wide[2] if bias else None)
     want = _value_and_grads(lambda: causal_conv1d_reference(x64, w64, b64, activation, cu_seqlens=cu_seqlens),
@@ -97,6 +107,18 @@ def test_bad_arguments_are_clear_errors():
         causal_conv1d(x, w, activation="gelu", backend="torch")
     with pytest.raises(ValueError, match="unknown short-conv backend"):
         causal_conv1d(x, w, backend="cudnn")
+    with pytest.raises(ValueError, match="sections 3 must divide the 4 channels"):
+        causal_conv1d(x, w, backend="torch", sections=3)
+
+
+def test_sections_unflatten_the_channels():
+    """The torch backend's y in sections is its plain y unflattened (the triton backend's own sections are checked
+    against the reference below)."""
+    x, w, b = (t.detach() for t in _tensors(1, 20, 12, torch.float64))
+    for cu_seqlens in (None, torch.tensor([0, 2, 11, 20])):
+        plain, _ = causal_conv1d(x, w, b, "silu", cu_seqlens=cu_seqlens, backend="torch")
+        sectioned, _ = causal_conv1d(x, w, b, "silu", cu_seqlens=cu_seqlens, backend="torch", sections=3)
+        torch.testing.assert_close(sectioned, plain.unflatten(-1, (3, 4)), rtol=0, atol=0)
 
 
 @needs_gpu
@@ -107,7 +129,8 @@ def test_fla_kernel_matches_the_reference(dtype, tol):
              cu_seqlens=torch.tensor([0, 3, 100, 101, 300], device="cuda"))
 
 
-def _compare_projection_slice(dtype, tol, device, bias=True, cu_seqlens=None, batch=2, length=37, channels=15):
+def _compare_projection_slice(dtype, tol, device, bias=True, cu_seqlens=None, batch=2, length=37, channels=15,
+                              sections=1):
     """The triton backend on x = a slice of channels of a [T, B, C + 3] projection, transposed to [B, T, C] (the
     layers' layout, read in place), against the reference on the same values made contiguous."""
     gen = torch.Generator().manual_seed(1)
@@ -119,8 +142,8 @@ def _compare_projection_slice(dtype, tol, device, bias=True, cu_seqlens=None, ba
     def sliced(p):
         return p[..., 1:channels + 1].transpose(0, 1)
 
-    got = _value_and_grads(lambda: causal_conv1d(sliced(leaves[0]), *leaves[1:], *([None] * (not bias)), "silu",
-                                                 cu_seqlens=cu_seqlens, backend="triton")[0], leaves)
+    got = _value_and_grads(lambda: _conv_flattened(sliced(leaves[0]), *leaves[1:], *([None] * (not bias)), "silu",
+                                                   cu_seqlens, "triton", sections), leaves)
     wide = [t.detach().double().requires_grad_() for t in leaves]
     want = _value_and_grads(lambda: causal_conv1d_reference(sliced(wide[0]).contiguous(), *wide[1:],
                                                             *([None] * (not bias)), "silu", cu_seqlens=cu_seqlens),
@@ -146,6 +169,19 @@ def test_triton_kernels_match_the_reference(dtype, tol):
 
 
 @needs_triton_kernels
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_KERNEL), (torch.bfloat16, 1e-2)])
+def test_triton_kernels_match_the_reference_in_sections(dtype, tol):
+    """y [B, T, 3, 43] stored section-major: the forward's 64-channel tiles straddle the sections."""
+    device = TRITON_DEVICE
+    _compare_projection_slice(dtype, tol, device, length=70, channels=129, sections=3)
+    _compare_projection_slice(dtype, tol, device, batch=1, length=90, channels=129, sections=3,
+                              cu_seqlens=torch.tensor([0, 5, 6, 8, 23, 90], device=device))
+    # without the activation the backward reads y's gradient [B, T, 3, 43] directly
+    _compare(dtype, tol, backend="triton", device=device, bias=False, activation=None, length=70, channels=129,
+             sections=3)
+
+
+@needs_triton_kernels
 def test_triton_backend_refuses_states():
     x, w, _ = (t.detach().to(TRITON_DEVICE) for t in _tensors(2, 9, 4, torch.float32))
     with pytest.raises(ValueError, match="takes no states"):
@@ -156,9 +192,9 @@ def test_triton_backend_refuses_states():
 
 @starts_the_interpreter
 def test_triton_kernels_under_the_interpreter():
-    """Runs the two tests above in a subprocess under Triton's interpreter; they must pass, not skip."""
+    """Runs the kernel tests above in a subprocess under Triton's interpreter; they must pass, not skip."""
     summary = run_under_interpreter([__file__, "-k", "triton_kernels_match or triton_backend_refuses"])
-    assert re.search(r"\b3 passed", summary) and "skipped" not in summary, summary
+    assert re.search(r"\b5 passed", summary) and "skipped" not in summary, summary
 
 
 def test_document_index_of_each_position():

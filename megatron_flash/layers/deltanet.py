@@ -126,9 +126,10 @@ class DeltaNetMixer(MegatronModule):
         beta = dense_grad(beta).transpose(0, 1).sigmoid()  # [b, s, heads]
         cu_seqlens = self._cu_seqlens(inputs, batch)
 
-        # [b, s, 3*heads*d], read in place on GPUs
+        # read in place on GPUs; out [b, s, 3, heads*d], stored section-major by the triton backend so that q, k
+        # and v are each contiguous (fla's delta-rule kernels copy non-contiguous inputs)
         qkv, _ = causal_conv1d(qkv.transpose(0, 1), self.conv_weight, activation="silu", cu_seqlens=cu_seqlens,
-                               backend=self.config.short_conv_backend)
+                               backend=self.config.short_conv_backend, sections=3)
         q, k, v = qkv.view(batch, seq, 3, heads, d).unbind(dim=2)
         o, _ = delta_rule(q, k, v, beta, cu_seqlens=cu_seqlens, use_qk_l2norm=True,
                           backend=self.config.delta_rule_backend)

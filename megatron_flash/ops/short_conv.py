@@ -11,6 +11,10 @@ Backends:
 * ``fla`` (fla's Triton kernel, CUDA tensors; it copies a strided x first): ``auto``'s pick on CUDA with states;
 * ``torch`` (F.conv1d, any device).
 The loop in :func:`causal_conv1d_reference` is the definition all are tested against.
+
+``sections`` S > 1 returns y as [B, T, S, C/S], the channels cut into S equal sections (DeltaNet's q, k, v). The
+``triton`` backend stores it section-major, so that each section ``y[:, :, i]`` is contiguous: fla's delta-rule
+kernels copy non-contiguous q, k and v first. The other backends return their [B, T, C] result unflattened.
 """
 
 from __future__ import annotations
@@ -101,6 +105,20 @@ def _torch_conv(x, weight, bias, activation, history, output_final_state):
     return _activate(y, activation), final
 
 
+def _torch_causal_conv1d(x, weight, bias, activation, cu_seqlens, initial_state, output_final_state):
+    """The torch backend: one conv of the batch, or one per packed document."""
+    segments = _segments(cu_seqlens, x.shape[0], x.shape[1])
+    if segments is None:
+        return _torch_conv(x, weight, bias, activation, initial_state, output_final_state)
+    outs, finals = [], []
+    for n, (start, end) in enumerate(segments):
+        hist = initial_state[n:n + 1] if initial_state is not None else None
+        y, final = _torch_conv(x[:, start:end], weight, bias, activation, hist, output_final_state)
+        outs.append(y)
+        finals.append(final)
+    return torch.cat(outs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)
+
+
 def _resolve_backend(backend, x, with_states):
     if backend not in BACKENDS:
         raise ValueError(f"unknown short-conv backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -112,8 +130,12 @@ def _resolve_backend(backend, x, with_states):
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, initial_state=None,
-                  output_final_state=False, backend="auto"):
-    """Depthwise causal conv of x [B, T, C]. Returns (y [B, T, C], final_state [N, C, K] or None)."""
+                  output_final_state=False, backend="auto", *, sections: int = 1):
+    """Depthwise causal conv of x [B, T, C]. Returns (y [B, T, C], final_state [N, C, K] or None); with
+    ``sections`` S > 1 (dividing C), y is [B, T, S, C/S], each section contiguous on the triton backend."""
+    channels = x.shape[-1]
+    if sections < 1 or channels % sections:
+        raise ValueError(f"sections {sections} must divide the {channels} channels")
     backend = _resolve_backend(backend, x, initial_state is not None or output_final_state)
     if backend == "triton":
         if _triton_causal_conv1d is None:
@@ -121,20 +143,13 @@ def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, initia
         if initial_state is not None or output_final_state:
             raise ValueError("short-conv backend 'triton' takes no states: use 'fla' or 'torch'")
         _check_packed(cu_seqlens, x.shape[0])  # the bounds themselves stay on the device: reading them would sync
-        return _triton_causal_conv1d(x, weight, bias, _is_silu(activation), cu_seqlens), None
+        return _triton_causal_conv1d(x, weight, bias, _is_silu(activation), cu_seqlens, sections), None
     if backend == "fla":
         if _fla_causal_conv1d is None:
             raise RuntimeError("short-conv backend 'fla' needs flash-linear-attention (pip install '.[gpu]')")
-        return _fla_causal_conv1d(x=x, weight=weight, bias=bias, initial_state=initial_state,
-                                  output_final_state=output_final_state, activation=activation,
-                                  cu_seqlens=cu_seqlens, backend="triton")
-    segments = _segments(cu_seqlens, x.shape[0], x.shape[1])
-    if segments is None:
-        return _torch_conv(x, weight, bias, activation, initial_state, output_final_state)
-    outs, finals = [], []
-    for n, (start, end) in enumerate(segments):
-        hist = initial_state[n:n + 1] if initial_state is not None else None
-        y, final = _torch_conv(x[:, start:end], weight, bias, activation, hist, output_final_state)
-        outs.append(y)
-        finals.append(final)
-    return torch.cat(outs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)
+        y, final = _fla_causal_conv1d(x=x, weight=weight, bias=bias, initial_state=initial_state,
+                                      output_final_state=output_final_state, activation=activation,
+                                      cu_seqlens=cu_seqlens, backend="triton")
+    else:
+        y, final = _torch_causal_conv1d(x, weight, bias, activation, cu_seqlens, initial_state, output_final_state)
+    return (y.unflatten(-1, (sections, channels // sections)) if sections > 1 else y), final

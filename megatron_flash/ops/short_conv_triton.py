@@ -7,12 +7,15 @@ write y contiguous [B, T, C] and dx in x's order of batch and time (so that the 
 projection's gradient copies dense pieces). With a unit channel stride and 16-byte aligned rows (the layers' projections
 are laid out so: models/layout.py), Triton's specialization of such arguments gives vectorized loads. (The
 earlier per-head rows of 385 and 129 elements allowed only 2-byte loads: ~1 TB/s in a profile of the 1B step.)
-The backward recomputes the
-pre-activation and writes the gradient g at it (one kernel), then reads x once and g at the K shifted positions for
-dx, and for the weight and bias gradients as per-tile partial sums (fla's pairing: tap K-1-j sums g[t+j] * x[t]),
-reduced by one deterministic ``sum`` (no atomics).
+The backward recomputes the pre-activation and writes the gradient g at it (one kernel), then reads x once and g at
+the K shifted positions for dx, and for the weight and bias gradients as per-tile partial sums (fla's pairing: tap
+K-1-j sums g[t+j] * x[t]), reduced by one deterministic ``sum`` (no atomics). (One kernel recomputing the
+pre-activation at the K outputs reading each x[t] was 1.4-3x slower on an H200: docs/performance.md.)
 
 Packed documents: ``starts[t]`` is the first position of t's document (B is 1); taps before it read zero.
+Sections: with ``sections`` S, y is [B, T, S, C/S] stored section-major (the strides of a contiguous
+[S, B, T, C/S] permuted), so that each section ``y[:, :, i]`` is contiguous: DeltaNet's q, k and v, which fla's
+delta-rule kernels would otherwise copy.
 Tested against ``short_conv.causal_conv1d_reference`` on CPU under Triton's interpreter and on GPUs.
 """
 
@@ -64,9 +67,10 @@ def _document_starts(starts, t, valid_t, BT: tl.constexpr, HAS_STARTS: tl.conste
 def _conv_pre_activation_kernel(x, w, b, starts, dy, out, T, C, stride_xb, stride_xt, stride_xc,
                                 stride_db, stride_dt, stride_dc, K: tl.constexpr, BT: tl.constexpr,
                                 BC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STARTS: tl.constexpr,
-                                SILU: tl.constexpr, GRAD: tl.constexpr):
-    """The pre-activation a of a tile of outputs, then into ``out`` (contiguous [B, T, C]): forward, act(a);
-    with GRAD (backward), dy * silu'(a), the gradient at the pre-activation."""
+                                SILU: tl.constexpr, GRAD: tl.constexpr, SECTION: tl.constexpr):
+    """The pre-activation a of a tile of outputs, then into ``out``, laid out as a contiguous
+    [C / SECTION, B, T, SECTION] (with SECTION = C: [B, T, C]): forward, act(a); with GRAD (backward),
+    dy * silu'(a), the gradient at the pre-activation. A tile's channels may straddle two sections."""
     pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     c = pid_c * BC + tl.arange(0, BC)
@@ -85,7 +89,10 @@ def _conv_pre_activation_kernel(x, w, b, starts, dy, out, T, C, stride_xb, strid
         result = a * tl.sigmoid(a)
     else:
         result = a
-    ptrs = out + (pid_b.to(tl.int64) * T + t.to(tl.int64))[:, None] * C + c[None, :]
+    section_size = tl.num_programs(2).to(tl.int64) * T * SECTION  # the grid's third axis is the batch
+    section_start = (c // SECTION).to(tl.int64) * section_size
+    row = pid_b.to(tl.int64) * T + t.to(tl.int64)
+    ptrs = out + section_start[None, :] + row[:, None] * SECTION + (c % SECTION)[None, :]
     tl.store(ptrs, result.to(out.dtype.element_ty), mask=valid)
 
 
@@ -124,17 +131,24 @@ def _conv_bwd_kernel(x, w, starts, g, dx, dw_part, db_part, T, C, n_t_tiles,
 
 
 class ShortConvFunction(torch.autograd.Function):
-    """y [B, T, C] = act(causal depthwise conv of x [B, T, C]); x any strides, y contiguous."""
+    """y = act(causal depthwise conv of x [B, T, C]); x any strides. y is contiguous [B, T, C] for one section,
+    else [B, T, S, C/S] stored section-major."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, silu, starts):
+    def forward(ctx, x, weight, bias, silu, starts, sections):
         batch, length, channels = x.shape
-        y = torch.empty(batch, length, channels, dtype=x.dtype, device=x.device)
+        section = channels // sections
+        if sections == 1:
+            y = torch.empty(batch, length, channels, dtype=x.dtype, device=x.device)
+        else:  # the strides of a contiguous [S, B, T, C/S] permuted, without being a view of it: a view made
+            # inside a custom Function could not be modified in place
+            y = torch.empty_strided((batch, length, sections, section), (length * section, section,
+                                    batch * length * section, 1), dtype=x.dtype, device=x.device)
         bt, bc = FWD_TILE
         grid = (triton.cdiv(length, bt), triton.cdiv(channels, bc), batch)
         _conv_pre_activation_kernel[grid](x, weight, bias, starts, None, y, length, channels, *x.stride(),
                                           0, 0, 0, K=weight.shape[1], BT=bt, BC=bc, HAS_BIAS=bias is not None,
-                                          HAS_STARTS=starts is not None, SILU=silu, GRAD=False)
+                                          HAS_STARTS=starts is not None, SILU=silu, GRAD=False, SECTION=section)
         ctx.save_for_backward(x, weight, bias, starts)
         ctx.silu = silu
         return y
@@ -143,6 +157,7 @@ class ShortConvFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, starts = ctx.saved_tensors
         batch, length, channels = x.shape
+        dy = dy.reshape(batch, length, channels)  # [B, T, S, C/S] with sections: a view when its layout allows
         k = weight.shape[1]
         bt, bc = BWD_TILE
         n_t_tiles = triton.cdiv(length, bt)
@@ -152,7 +167,7 @@ class ShortConvFunction(torch.autograd.Function):
         if ctx.silu:  # the gradient of the pre-activation, from its recomputation
             g = torch.empty(batch, length, channels, dtype=dy.dtype, device=dy.device)
             _conv_pre_activation_kernel[grid](x, weight, bias, starts, dy, g, length, channels, *x.stride(),
-                                              *dy.stride(), SILU=True, GRAD=True, **meta)
+                                              *dy.stride(), SILU=True, GRAD=True, SECTION=channels, **meta)
         # dx dense in x's order of batch and time (x may be a [T, B, ...] tensor seen as [B, T, C])
         dx = (torch.empty(length, batch, channels, dtype=x.dtype, device=x.device).transpose(0, 1)
               if x.stride(0) < x.stride(1) else torch.empty(batch, length, channels, dtype=x.dtype, device=x.device))
@@ -163,14 +178,17 @@ class ShortConvFunction(torch.autograd.Function):
                                *x.stride(), *g.stride(), *dx.stride()[:2], **meta)
         dw = dw_part.sum(0).t().to(weight.dtype)
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
-def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias, silu: bool, cu_seqlens) -> torch.Tensor:
-    """x [B, T, C] (any strides), weight [C, K], bias [C] or None; returns y [B, T, C]."""
+def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias, silu: bool, cu_seqlens,
+                         sections: int = 1) -> torch.Tensor:
+    """x [B, T, C] (any strides), weight [C, K], bias [C] or None; returns y [B, T, C], or with ``sections``
+    S > 1 (dividing C) y [B, T, S, C/S] with each ``y[:, :, i]`` contiguous."""
     starts = None
     if cu_seqlens is not None:  # each position's document start, computed on the device without a sync
         bounds = cu_seqlens.to(device=x.device, dtype=torch.int32)
         starts = bounds[document_index(bounds, x.shape[1])]
     # the kernels index weight [C, K] and bias [C] as contiguous
-    return ShortConvFunction.apply(x, weight.contiguous(), bias if bias is None else bias.contiguous(), silu, starts)
+    return ShortConvFunction.apply(x, weight.contiguous(), bias if bias is None else bias.contiguous(), silu, starts,
+                                   sections)
