@@ -41,6 +41,15 @@ def test_rms_norm_matches_torch(dtype, tol):
     _assert_all_close(got, [t.to(dtype) for t in want], **tol)
 
 
+def test_rms_norm_of_a_transposed_view_is_contiguous():
+    """DeltaNet normalizes a [s, b] view of its [b, s] output and views the result as the out-projection's input."""
+    x = torch.randn(5, 3, 37, dtype=torch.float64)
+    w = torch.randn(37, dtype=torch.float64)
+    got = rms_norm(x.transpose(0, 1), w, 1e-5)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, F.rms_norm(x.transpose(0, 1), (37,), w, 1e-5), rtol=1e-12, atol=1e-12)
+
+
 def _gated_formula(y, z, w, group_size, eps):
     """mamba_ssm's RMSNormGated (norm_before_gate=False) spelled out, in fp64."""
     gated = (y.double() * z.double() * torch.sigmoid(z.double())).reshape(*y.shape[:-2], -1)

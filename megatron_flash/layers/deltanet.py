@@ -133,7 +133,8 @@ class DeltaNetMixer(MegatronModule):
         q, k, v = qkv.view(batch, seq, 3, heads, d).unbind(dim=2)
         o, _ = delta_rule(q, k, v, beta, cu_seqlens=cu_seqlens, use_qk_l2norm=True,
                           backend=self.config.delta_rule_backend)
-        o = self._o_norm(o).reshape(batch, seq, heads * d).transpose(0, 1).contiguous()
+        # normalized in [s, b] order: the norm writes the out-projection's layout itself (no transposing copy)
+        o = self._o_norm(o.transpose(0, 1)).view(seq, batch, heads * d)
         out, _ = self.out_proj(o)
         return out
 

@@ -24,7 +24,9 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 @compiled_on_cuda
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = _wide(x)
-    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * _wide(weight)).to(x.dtype)
+    # contiguous whatever x's layout (a no-op for the residual stream's norms): compiled, the kernel writes that
+    # layout itself, so DeltaNet's norm of a [s, b] view of its [b, s] output needs no transposing copy
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * _wide(weight)).to(x.dtype).contiguous()
 
 
 @compiled_on_cuda
