@@ -1,13 +1,18 @@
 """ops.rms_norm: RMSNorm against torch's F.rms_norm, the gated RMSNorm against its formula on strided views and unit
-rows against F.normalize, eager on the CPU and compiled (fused) on a GPU."""
+rows against F.normalize, eager on the CPU and compiled (fused) on a GPU. The gated norm's Triton kernels against the
+formula in fp64, values and gradients, on awkward sizes: groups that are no power of two, a transposed y, a strided
+slice for z, rows not a multiple of the rows per backward program; on a GPU, or on the CPU under Triton's
+interpreter (a subprocess with TRITON_INTERPRET=1, tests/triton_kernels.py)."""
 
-from unittest.mock import patch
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from megatron_flash.ops.rms_norm import gated_rms_norm, rms_norm, unit_rows
+from tests.triton_kernels import (HAVE_TRITON, TRITON_DEVICE, needs_triton_kernels, run_under_interpreter,
+                                  starts_the_interpreter)
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels are compiled on GPUs only")
 
@@ -74,21 +79,6 @@ def test_gated_rms_norm_on_strided_views(dtype, tol, group_size):
     _assert_all_close(got, want, **tol)
 
 
-def test_compiled_gated_rms_norm_writes_a_contiguous_result():
-    """Compiled (inductor, here for the CPU), the fused kernel writes the contiguous layout itself: one kernel,
-    whatever y's strides (a pointwise kernel's output otherwise follows its input's, the Mamba2 scan's [b, s])."""
-    y_bs = _leaf(2, 5, 6, 7, dtype=torch.float32, seed=2)
-    projected = _leaf(5, 2, 6, 15, dtype=torch.float32, seed=3)
-    w = _leaf(6 * 7, dtype=torch.float32, seed=4)
-    torch._dynamo.reset()
-    with patch.object(torch._dynamo.config, "disable", False):
-        compiled = torch.compile(gated_rms_norm.__wrapped__, fullgraph=True)
-        got = compiled(y_bs.transpose(0, 1), projected[..., :7], w, 21, 1e-5)
-    assert got.is_contiguous()
-    torch.testing.assert_close(got, _gated_formula(y_bs.transpose(0, 1), projected[..., :7], w, 21, 1e-5).float(),
-                               rtol=1e-5, atol=1e-5)
-
-
 def _unit_rows_case(dtype, device):
     """unit_rows and F.normalize in fp64 on the same values; one row of zeros (the norm's floor)."""
     w = _leaf(37, 129, dtype=dtype, seed=10, device=device)
@@ -111,8 +101,11 @@ def test_unit_rows_matches_normalize(dtype, tol):
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernels_match_the_references_on_gpu(dtype):
-    """The fused (compiled) kernels on a GPU against the same references as the CPU tests, in fp64."""
+    """The fused kernels on a GPU (compiled, and the gated norm's Triton kernels) against the same references as the
+    CPU tests, in fp64."""
     from torch._dynamo.utils import counters
+
+    from megatron_flash.ops.gated_rms_norm_triton import GatedRMSNormFunction
 
     counters.clear()
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
@@ -128,5 +121,96 @@ def test_compiled_kernels_match_the_references_on_gpu(dtype):
     got = _value_and_grads(lambda: gated_rms_norm(y.transpose(0, 1), z[..., :9], g, 27, 1e-5), y, z, g)
     want = _value_and_grads(lambda: _gated_formula(y64.transpose(0, 1), z64[..., :9], g64, 27, 1e-5), y64, z64, g64)
     _assert_all_close(got, [t.to(dtype) for t in want], **tol)
+    assert gated_rms_norm(y.transpose(0, 1), z[..., :9], g, 27, 1e-5).grad_fn._forward_cls is GatedRMSNormFunction
     _assert_all_close(*_unit_rows_case(dtype, "cuda"), **tol)
-    assert counters["stats"]["unique_graphs"] >= 3  # the compiled path ran
+    assert counters["stats"]["unique_graphs"] >= 2  # the compiled path ran: rms_norm and unit_rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the gated norm's Triton kernels (ops/gated_rms_norm_triton.py)
+# --------------------------------------------------------------------------------------------------------------
+
+# (y's leaf shape, y [d0, d1, H, P] as a function of it, z's leaf shape, z likewise, group size, rows per backward
+# program or None for the module's own, whether y's channels are flat so that the kernels read it in place)
+TRITON_CASES = {
+    # the Mamba2 layer's layout: y a transposed [b, s] scan output, z a slice of a wider [s, b, W] projection
+    "two_groups_of_21_10_rows_by_4": ((2, 5, 6, 7), lambda t: t.transpose(0, 1), (5, 2, 90),
+                                      lambda t: t[..., 3:45].view(5, 2, 6, 7), 21, 4, True),
+    "one_group_of_27_12_rows_by_5": ((3, 4, 3, 9), lambda t: t.transpose(0, 1), (4, 3, 40),
+                                     lambda t: t[..., 1:28].view(4, 3, 3, 9), 27, 5, True),
+    "heads_strided_so_copied": ((3, 7, 2, 16), lambda t: t[..., :8], (3, 7, 2, 8), lambda t: t, 8, None, False),
+}
+
+# fp32: the same math in fp32 against fp64, a few roundings of 2^-24 and sums over at most 27 channels or 12 rows
+# (and the GPU's approximate exp in sigmoid, ~1e-7 relative) apart, far inside 1e-5; atol for results near zero
+# (the input gradient's rstd * (dn - n * mean(dn * n)) cancels, leaving an absolute error of its terms' size).
+# bf16: inputs and cotangent are bf16 values, exact in fp32 and fp64, and the kernels round their fp32 results to
+# bf16 once (the weight gradient after the fp32 sum of its partials): at most half a bf16 ulp, 2^-8 relative. One
+# ulp, 2^-7, leaves the fp32 error above on top.
+TRITON_TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2 ** -7, atol=1e-5)}
+
+
+def _gated_value_and_grads(fn, y, z, w):
+    """fn(y, z, w) and its gradients at y, z and w themselves (the tensors the backward writes, before autograd
+    carries them to the leaves), for a cotangent of bf16 values, which every dtype holds exactly."""
+    out = fn(y, z, w)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(99)).bfloat16().to(out)
+    return [out.detach(), *torch.autograd.grad(out, (y, z, w), cotangent)]
+
+
+@needs_triton_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_gated_triton_kernels_match_the_formula(case, dtype, monkeypatch):
+    from megatron_flash.ops import gated_rms_norm_triton
+
+    y_shape, y_view, z_shape, z_view, group_size, rows_per_program, flat_y = TRITON_CASES[case]
+    if rows_per_program is not None:
+        monkeypatch.setattr(gated_rms_norm_triton, "ROWS_PER_PROGRAM", rows_per_program)
+    y = y_view(_leaf(*y_shape, dtype=dtype, seed=20, device=TRITON_DEVICE))
+    z = z_view(3 * _leaf(*z_shape, dtype=dtype, seed=21, device=TRITON_DEVICE))  # sigmoid's saturated ends too
+    w = _leaf(y.shape[2] * y.shape[3], dtype=dtype, seed=22, device=TRITON_DEVICE)
+    got = _gated_value_and_grads(
+        lambda *t: gated_rms_norm_triton.gated_rms_norm_triton(*t, group_size, 1e-5), y, z, w)
+    want = _gated_value_and_grads(lambda *t: _gated_formula(*t, group_size, 1e-5),
+                                  *(t.detach().double().requires_grad_() for t in (y, z, w)))
+    out, dy, dz, _ = got
+    assert out.shape == (*y.shape[:2], w.shape[0]) and out.is_contiguous()  # the out-projection's input
+    assert dz.is_contiguous() and (dy.stride() == y.stride() or not flat_y)  # the scan's backward gets its layout
+    for what, g, r, t in zip(("output", "dy", "dz", "dweight"), got, want, (y, y, z, w), strict=True):
+        assert g.dtype == dtype and g.shape == (r.shape if what == "output" else t.shape), what
+        torch.testing.assert_close(g.double(), r, **TRITON_TOLERANCES[dtype], msg=lambda msg: f"{what}: {msg}")
+
+
+@needs_triton_kernels
+def test_gated_triton_kernels_take_empty_inputs():
+    from megatron_flash.ops.gated_rms_norm_triton import gated_rms_norm_triton
+
+    y, z = (torch.zeros(0, 2, 3, 4, device=TRITON_DEVICE, requires_grad=True) for _ in range(2))
+    w = torch.ones(12, device=TRITON_DEVICE, requires_grad=True)
+    out = gated_rms_norm_triton(y, z, w, 6, 1e-5)
+    out.sum().backward()
+    assert out.shape == (0, 2, 12) and y.grad.shape == y.shape and z.grad.shape == z.shape
+    assert torch.all(w.grad == 0)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="the kernels' module needs triton")
+def test_gated_triton_wrapper_refuses_bad_shapes():
+    from megatron_flash.ops.gated_rms_norm_triton import gated_rms_norm_triton
+
+    y = torch.randn(2, 3, 4, 6)
+    with pytest.raises(ValueError, match=r"one shape \[d0, d1, heads, head_dim\]"):
+        gated_rms_norm_triton(y[0], y[0], torch.ones(24), 24, 1e-5)
+    with pytest.raises(ValueError, match="a group size dividing 24"):
+        gated_rms_norm_triton(y, y, torch.ones(24), 9, 1e-5)
+
+
+GATED_TRITON_KERNEL_TESTS = 2 * len(TRITON_CASES) + 1
+
+
+@starts_the_interpreter
+def test_gated_triton_kernels_under_the_interpreter():
+    """Runs the gated_triton_kernels tests above in a subprocess under Triton's interpreter; they must pass, not
+    skip."""
+    summary = run_under_interpreter([__file__, "-k", "gated_triton_kernels_match or gated_triton_kernels_take"])
+    assert re.search(rf"\b{GATED_TRITON_KERNEL_TESTS} passed", summary) and "skipped" not in summary, summary

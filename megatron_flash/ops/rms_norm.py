@@ -1,12 +1,13 @@
-"""RMSNorm, Mamba2's gated RMSNorm and unit-L2 rows, computed in fp32 whatever the input dtype, fused on GPUs
-(ops/compile.py).
+"""RMSNorm, Mamba2's gated RMSNorm and unit-L2 rows, computed in fp32 whatever the input dtype, fused on GPUs: by
+torch.compile (ops/compile.py), the gated norm by our Triton kernels (ops/gated_rms_norm_triton.py).
 
 ``rms_norm(x, w) = x * rsqrt(mean(x^2) + eps) * w`` over the last dimension;
-``gated_rms_norm(y, z, w) = rms_norm(y * silu(z)) * w`` with y, z [..., heads, head_dim] (any strides: the fused
-kernel reads views in place) flattened to [..., heads * head_dim] (contiguous) and normalized over groups of
-``group_size`` of those channels (mamba_ssm's ``RMSNormGated`` with ``norm_before_gate=False``). Results are in x's
-(y's) dtype; fp64 stays fp64. ``unit_rows(w) = w / max(||w||_row, 1e-12)`` (``F.normalize(w, dim=1)``), the output
-layer's weight: eager, its backward is 6 passes over the 131072 x h matrix; fused, one each way.
+``gated_rms_norm(y, z, w) = rms_norm(y * silu(z)) * w`` with y, z [..., heads, head_dim] (any strides: the kernels
+read views in place) flattened to [..., heads * head_dim] (contiguous) and normalized over groups of ``group_size``
+of those channels (mamba_ssm's ``RMSNormGated`` with ``norm_before_gate=False``); :func:`gated_rms_norm_reference`
+is its definition, what runs on the CPU and in fp64. Results are in x's (y's) dtype; fp64 stays fp64.
+``unit_rows(w) = w / max(||w||_row, 1e-12)`` (``F.normalize(w, dim=1)``), the output layer's weight: eager, its
+backward is 6 passes over the 131072 x h matrix; fused, one each way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from megatron_flash.ops.compile import compiled_on_cuda
+
+try:  # our Triton kernels for the gated norm: need triton
+    from megatron_flash.ops.gated_rms_norm_triton import gated_rms_norm_triton as _triton_gated_rms_norm
+except ImportError:  # pragma: no cover - triton is an optional (gpu) dependency
+    _triton_gated_rms_norm = None
+
+# the dtypes the gated norm's Triton kernels take (fp64 runs the reference)
+GATED_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -29,15 +38,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * _wide(weight)).to(x.dtype).contiguous()
 
 
-@compiled_on_cuda
-def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
-                   eps: float) -> torch.Tensor:
+def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
+                             eps: float) -> torch.Tensor:
+    """The definition of :func:`gated_rms_norm`, eager."""
     gated = (_wide(y) * F.silu(_wide(z))).flatten(-2)
     grouped = gated.unflatten(-1, (-1, group_size))
     normed = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + eps)
-    # contiguous inside: compiled, the fused kernel writes that layout itself, where it would otherwise follow y's
-    # strides (the Mamba2 scan's [b, s] order) and the out-projection's input would take a copy
+    # contiguous, as the Triton kernels write it: the out-projection's input, where a pointwise result would follow
+    # y's strides (the Mamba2 scan's [b, s] order)
     return (normed.flatten(-2) * _wide(weight)).to(y.dtype).contiguous()
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
+                   eps: float) -> torch.Tensor:
+    """rms_norm(y * silu(z)) * weight over groups of ``group_size`` channels: y, z [..., heads, head_dim] -> [...,
+    heads * head_dim] contiguous in y's dtype. The Triton kernels for CUDA tensors in fp32/bf16/fp16 (they need
+    exactly two leading dimensions, the layer's [s, b]), else the eager reference."""
+    if _triton_gated_rms_norm is not None and y.is_cuda and y.dtype in GATED_TRITON_DTYPES:
+        return _triton_gated_rms_norm(y, z, weight, group_size, eps)
+    return gated_rms_norm_reference(y, z, weight, group_size, eps)
 
 
 @compiled_on_cuda
