@@ -12,7 +12,6 @@ from megatron_flash.testing import run_distributed
 from tests.triton_kernels import TRITON_DEVICE, needs_triton_kernels, run_under_interpreter, starts_the_interpreter
 
 
-
 def _inputs(n=70, h=24, padded_vocab=40, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=gen).to(dtype)

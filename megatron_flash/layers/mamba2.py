@@ -57,6 +57,7 @@ from megatron.core.transformer.utils import (
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, dense_grad, mark_weight_norm
 from megatron_flash.models.layout import initialize_as_full, split_sharded_sections, stack_sections
+from megatron_flash.ops.precision import at_least_fp32
 from megatron_flash.ops.rms_norm import gated_rms_norm
 from megatron_flash.ops.short_conv import causal_conv1d, conv_init_
 from megatron_flash.ops.ssd import ssd_scan
@@ -122,11 +123,6 @@ class _AllReduceSumBothWays(torch.autograd.Function):
         grad = grad.contiguous().clone()
         torch.distributed.all_reduce(grad, group=ctx.group)
         return grad, None
-
-
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    """At least fp32 (bf16/fp16 up to fp32; fp64 stays fp64, so fp64 tests are exact)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _summed_grad(param: torch.Tensor, group) -> torch.Tensor:
@@ -248,7 +244,9 @@ class Mamba2Mixer(MegatronModule):
         # split, not three slices: backward then writes the projection's gradient in one pass (one cat), where
         # slices would each zero-fill and add a full-size tensor; z is read in place by the norm, x by the conv
         z, x, dt = projected.split([self.inner_local, self.inner_local, self.heads_local], dim=-1)
-        z, dt = dense_grad(z), dense_grad(dt).transpose(0, 1)  # x's gradient is dense already: the conv writes it so
+        # dt is used transposed: its gradient made dense keeps the split's cat vectorized (the conv writes x's and
+        # the gated norm z's dense already)
+        dt = dense_grad(dt).transpose(0, 1)
         bc = self._project_bc(hidden_states).transpose(0, 1)  # [b, s, 2GN]
         cu_seqlens = self._cu_seqlens(inputs, seq, batch)
 
@@ -261,9 +259,9 @@ class Mamba2Mixer(MegatronModule):
         Bm, Cm = bc.view(batch, seq, 2, self.groups, N)[:, :, :, first_group:end_group].unbind(dim=2)
 
         y, _ = ssd_scan(
-            x.view(batch, seq, self.heads_local, P), F.softplus(_fp32(dt) + _fp32(self.dt_bias)),
-            -torch.exp(_fp32(self.A_log)), Bm, Cm, _fp32(self.D), chunk_size=self.config.mamba_chunk_size,
-            cu_seqlens=cu_seqlens, backend=self.config.ssd_backend)
+            x.view(batch, seq, self.heads_local, P), F.softplus(at_least_fp32(dt) + at_least_fp32(self.dt_bias)),
+            -torch.exp(at_least_fp32(self.A_log)), Bm, Cm, at_least_fp32(self.D),
+            chunk_size=self.config.mamba_chunk_size, cu_seqlens=cu_seqlens, backend=self.config.ssd_backend)
         z = z.view(seq, batch, self.heads_local, P)
         out, _ = self.out_proj(self._gated_rms_norm(y.transpose(0, 1), z).contiguous())
         return out
@@ -286,7 +284,7 @@ class Mamba2Mixer(MegatronModule):
         if self.groups % self.tp_size == 0:  # this rank holds whole groups: a local norm (fused on GPUs)
             return gated_rms_norm(y, z, self.norm_weight, group_size, self.config.mamba_norm_eps)
         # this rank's channels are part of one group spread over several ranks
-        gated = (_fp32(y) * F.silu(_fp32(z))).flatten(-2)  # [s, b, inner_local]
+        gated = (at_least_fp32(y) * F.silu(at_least_fp32(z))).flatten(-2)  # [s, b, inner_local]
         square_sum = gated.square().sum(-1, keepdim=True)
         if self.groups > 1:  # place it in its group's slot so one all-reduce serves every group
             slot = F.one_hot(torch.tensor(self.group_range[0]), self.groups).to(square_sum)
@@ -295,7 +293,7 @@ class Mamba2Mixer(MegatronModule):
         else:
             square_sum = _AllReduceSumBothWays.apply(square_sum, self.tp_group)
         normed = gated * torch.rsqrt(square_sum / group_size + self.config.mamba_norm_eps)
-        return (normed * _fp32(self.norm_weight)).to(y.dtype)
+        return (normed * at_least_fp32(self.norm_weight)).to(y.dtype)
 
     @staticmethod
     def _cu_seqlens(inputs: Optional[MixerInputs], seq: int, batch: int) -> Optional[torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_flash.ops.compile import compiled_on_cuda
+from megatron_flash.ops.precision import at_least_fp32
 
 try:  # our Triton kernels for the gated norm: need triton
     from megatron_flash.ops.gated_rms_norm_triton import gated_rms_norm_triton as _triton_gated_rms_norm
@@ -26,27 +27,23 @@ except ImportError:  # pragma: no cover - triton is an optional (gpu) dependency
 GATED_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
 @compiled_on_cuda
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = _wide(x)
+    xf = at_least_fp32(x)
     # contiguous whatever x's layout (a no-op for the residual stream's norms): compiled, the kernel writes that
     # layout itself, so DeltaNet's norm of a [s, b] view of its [b, s] output needs no transposing copy
-    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * _wide(weight)).to(x.dtype).contiguous()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * at_least_fp32(weight)).to(x.dtype).contiguous()
 
 
 def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
                              eps: float) -> torch.Tensor:
     """The definition of :func:`gated_rms_norm`, eager."""
-    gated = (_wide(y) * F.silu(_wide(z))).flatten(-2)
+    gated = (at_least_fp32(y) * F.silu(at_least_fp32(z))).flatten(-2)
     grouped = gated.unflatten(-1, (-1, group_size))
     normed = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + eps)
     # contiguous, as the Triton kernels write it: the out-projection's input, where a pointwise result would follow
     # y's strides (the Mamba2 scan's [b, s] order)
-    return (normed.flatten(-2) * _wide(weight)).to(y.dtype).contiguous()
+    return (normed.flatten(-2) * at_least_fp32(weight)).to(y.dtype).contiguous()
 
 
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
@@ -61,5 +58,5 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
 
 @compiled_on_cuda
 def unit_rows(weight: torch.Tensor) -> torch.Tensor:
-    wide = _wide(weight)
+    wide = at_least_fp32(weight)
     return (wide / torch.linalg.vector_norm(wide, dim=1, keepdim=True).clamp_min(1e-12)).to(weight.dtype)

@@ -19,12 +19,13 @@ import torch
 
 from megatron_flash.ops.compile import compiled_on_cuda
 from megatron_flash.ops.packed import document_index
+from megatron_flash.ops.precision import at_least_fp32
 
 
 @compiled_on_cuda
 def apply_rope(t: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    wide = torch.promote_types(t.dtype, torch.float32)
-    tw, aw = t.to(wide), angles.to(wide)
+    tw = at_least_fp32(t)
+    aw = angles.to(tw.dtype)
     first, second = tw.chunk(2, dim=-1)
     return (tw * aw.cos() + torch.cat((-second, first), dim=-1) * aw.sin()).to(t.dtype)
 

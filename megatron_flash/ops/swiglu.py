@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_flash.ops.precision import at_least_fp32
+
 try:  # the kernels need triton, an optional (gpu) dependency
     import triton
     import triton.language as tl
@@ -68,10 +70,6 @@ if triton is not None:
         tl.store(d_up + row * stride_d + j, (g * a * s).to(d_up.dtype.element_ty), mask=valid)
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
 def _grid(rows: int, half_width: int) -> tuple:
     return rows, triton.cdiv(half_width, COLUMN_BLOCK)
 
@@ -89,7 +87,7 @@ class OnePassSwiGLUFunction(torch.autograd.Function):
                 _swiglu_fwd_kernel[_grid(rows, half_width)](y, y[:, half_width:], out, half_width, y.stride(0),
                                                             BLOCK=COLUMN_BLOCK)
         else:
-            gate, up = _wide(y).chunk(2, dim=-1)
+            gate, up = at_least_fp32(y).chunk(2, dim=-1)
             out = (F.silu(gate) * up).to(y.dtype)
         ctx.save_for_backward(y)
         ctx.use_triton = use_triton
@@ -107,8 +105,8 @@ class OnePassSwiGLUFunction(torch.autograd.Function):
                     y, y[:, half_width:], grad, dy, dy[:, half_width:], half_width, y.stride(0), grad.stride(0),
                     dy.stride(0), BLOCK=COLUMN_BLOCK)
         else:
-            gate, up = _wide(y).chunk(2, dim=-1)
-            g = _wide(grad)
+            gate, up = at_least_fp32(y).chunk(2, dim=-1)
+            g = at_least_fp32(grad)
             s = torch.sigmoid(gate)
             dy = torch.cat((g * up * s * (1 + gate * (1 - s)), g * gate * s), dim=-1).to(y.dtype)
         return dy, None
