@@ -259,6 +259,26 @@ def test_sigterm_cleans_partial_files(tmp_path, capsys):
     _rerun_completes(tmp_path, prefix, texts)
 
 
+@pytest.mark.timeout(120)
+def test_sigterm_to_the_whole_job_step_cleans_up_and_exits(tmp_path):
+    """SLURM signals every process of the step, workers included: they finish their batches, the tool unwinds."""
+    fifo, prefix, texts = tmp_path / "stream.jsonl", f"{tmp_path}/out_text_document", jsonl_texts(train_files()[0])
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(fifo), "--output-prefix",
+         str(tmp_path / "out"), "--append-eod", "--batch-size", "1", "--workers", "2", "--no-progress-bar",
+         *tokenizer_args("sp")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _stream_until_partial(fifo, prefix, texts, lambda: (os.killpg(proc.pid, signal.SIGTERM), proc.wait(timeout=60)))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130
+    assert sorted(os.listdir(tmp_path)) == ["stream.jsonl"]
+    _rerun_completes(tmp_path, prefix, texts)
+
+
 def test_bad_arguments_fail_before_any_work(tmp_path, capsys):
     cases = [
         (["--input", tmp_path / "nothing*.jsonl", *tokenizer_args("sp")], "matches no supported files"),

@@ -120,9 +120,11 @@ _WORKER: dict = {}
 def _init_worker(tokenizer_args: dict, keys: Sequence[str], append_eod: bool, dtype) -> None:
     # One core per worker: the Rust tokenizer's own thread pool would oversubscribe the machine.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
-    # A forked worker inherits the parent's SIGTERM handler (which raises); Pool.terminate() must just end it.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Ctrl-C and SLURM's SIGTERM (sent to every process of the job step) are the parent's to handle: it stops
+    # submitting, lets the workers finish the few batches in flight and exit, then removes the partial outputs.
+    # A worker that died mid-batch would leave the pool waiting for that batch's result forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _WORKER["tokenizer"] = build_tokenizer(**tokenizer_args)
     _WORKER["keys"] = tuple(keys)
     _WORKER["append_eod"] = append_eod
@@ -297,8 +299,9 @@ def run(config: PreprocessConfig) -> Summary:
     writers = {key: AtomicIndexedWriter(outputs[key], dtype) for key in todo}
     progress = _Progress(inputs.input_size_bytes(files), config.log_interval, config.progress)
     try:
-        with _pool_context().Pool(config.workers, initializer=_init_worker,
-                                  initargs=(tokenizer_args, keys, config.append_eod, dtype)) as pool:
+        pool = _pool_context().Pool(config.workers, initializer=_init_worker,
+                                    initargs=(tokenizer_args, keys, config.append_eod, dtype))
+        try:
             tasks = _tasks(files, keys, config.batch_lines, config.batch_bytes)
             for result in _ordered(pool, tasks, in_flight=4 * config.workers):
                 if result.issues and config.strict:
@@ -307,9 +310,10 @@ def run(config: PreprocessConfig) -> Summary:
                     writer.add_documents(result.tokens[key], result.lengths[key])
                 _account(summary, result)
                 progress.update(result.documents, result.nbytes)
-            # Let the workers exit on their own: the with-block's terminate() can hit a worker that is still
-            # starting, before _init_worker replaced the SIGTERM handler it inherited (which raises), and a
-            # fork hook that swallows that exception leaves the pool waiting for it forever.
+        finally:
+            # Close and join, also on errors and signals, never terminate(): its SIGTERM can land on a worker that
+            # holds the result queue's lock, and the pool's task handler then waits for that lock forever (a CI
+            # hang under --strict). _ordered bounds the work in flight, so this returns within a few batches.
             pool.close()
             pool.join()
         for key, writer in writers.items():
