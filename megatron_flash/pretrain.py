@@ -24,7 +24,7 @@ from megatron_flash import flops, runtime
 from megatron_flash.models import builder, specs
 from megatron_flash.models.packing import document_boundaries_from_eod
 from megatron_flash.training import arguments, checkpointing
-from megatron_flash.training.loop_utils import (ExitSignal, ProgressLog, StepProfiler, broadcast_from_last_rank,
+from megatron_flash.training.loop_utils import (ExitSignal, ProgressLog, StepProfiler, global_batch_loss,
                                                 is_logging_rank, microbatches, peak_flops_per_second)
 from megatron_flash.training.optimizer_params import use_foreach_grad_norm, use_fused_torch_adam
 from megatron_flash.training.weight_norm import WeightNormalizer, normalize_model_params
@@ -128,26 +128,24 @@ def forward_step(eod, data_iterator, ddp_model):
     return losses, loss_func
 
 
-def run_batches(args, ddp, dataset, first_sample: int, forward_only: bool) -> float:
-    """Forward (and backward) over one global batch; returns the batch's mean loss on every rank."""
+def run_batches(args, ddp, dataset, first_sample: int, forward_only: bool,
+                exit_requested: bool = False) -> tuple[float, bool]:
+    """Forward (and backward) over one global batch; returns the batch's mean loss and whether any rank asked to
+    exit (``exit_requested`` is this rank's say), both the same on every rank."""
     eod = dataset.config.tokenizer.eod if args.reset_attention_mask else None
     results = get_forward_backward_func()(
         forward_step_func=partial(forward_step, eod), model=[ddp],
         data_iterator=microbatches(dataset, first_sample, args.micro_batch_size, args.num_microbatches),
         num_microbatches=args.num_microbatches, seq_length=args.seq_length + ddp.module.num_meta_tokens,
         micro_batch_size=args.micro_batch_size, forward_only=forward_only)
-    loss = 0.0
-    if parallel_state.is_pipeline_last_stage():
-        value = torch.stack([r["lm loss"] for r in results]).mean()
-        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
-        loss = value.item() / parallel_state.get_data_parallel_world_size()
-    return broadcast_from_last_rank([loss])[0]
+    return global_batch_loss([r["lm loss"] for r in results] if parallel_state.is_pipeline_last_stage() else [],
+                             exit_requested)
 
 
 def evaluate(args, ddp, valid, iteration: int) -> float:
     ddp.eval()
     losses = [run_batches(args, ddp, valid, (iteration // args.eval_interval * args.eval_iters + i)
-                          * args.global_batch_size, forward_only=True) for i in range(args.eval_iters)]
+                          * args.global_batch_size, forward_only=True)[0] for i in range(args.eval_iters)]
     ddp.train()
     return sum(losses) / len(losses)
 
@@ -198,7 +196,8 @@ def train(args, step_callback=None) -> dict:
     while iteration < args.train_iters:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        loss = run_batches(args, ddp, train_data, consumed, forward_only=False)
+        loss, exit_requested = run_batches(args, ddp, train_data, consumed, forward_only=False,
+                                           exit_requested=exit_signal.received is not None)
         grad_norm = None
         if math.isfinite(loss):
             _, grad_norm, _ = optimizer.step()
@@ -213,7 +212,8 @@ def train(args, step_callback=None) -> dict:
         iteration += 1
         consumed += args.global_batch_size
         losses.append(loss)
-        extra = {"weight-norm-deviation": normalizer.last_mean_deviation} if normalizer else {}
+        deviation = normalizer.mean_deviation if normalizer else None
+        extra = {} if deviation is None else {"weight-norm-deviation": deviation}
         progress.step(iteration, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, skipped_total, extra)
         profiler.step(iteration)
         if step_callback is not None:
@@ -225,7 +225,7 @@ def train(args, step_callback=None) -> dict:
             progress.scalar("validation/perplexity", math.exp(min(val, 30)), iteration)
             log(f"validation at iteration {iteration}: loss {val:.4f} | perplexity {math.exp(min(val, 30)):.2f}")
             progress.restart_timer()
-        if exit_signal.any_rank_received():
+        if exit_requested:
             log(f"exit signal received: saving at iteration {iteration} and exiting")
             save()
             break

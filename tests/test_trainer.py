@@ -420,3 +420,39 @@ def test_profile_writes_a_trace_and_time_by_layer_type_and_kernel(tmp_path):
     functions = {row["function"]: row for row in profile["backward"]}
     assert any(name.startswith("LinearWithGradAccumulation") for name in functions), sorted(functions)
     assert all(row["ms_per_iter"] > 0 for row in functions.values())
+
+
+def _host_reads_per_iteration(argv):
+    from megatron_flash import pretrain
+    from megatron_flash.testing import OpTrace
+    from megatron_flash.training import arguments
+
+    args = arguments.parse_args(argv, world_size=torch.distributed.get_world_size())
+    seen = []
+    with OpTrace() as trace:
+        pretrain.train(args, step_callback=lambda *_: seen.append(trace.host_reads()))
+    return [after[len(before):] for before, after in zip(seen, seen[1:])]
+
+
+@pytest.mark.parametrize("extra", [[], ["--use-distributed-optimizer", "--bf16"]], ids=["fp32", "bf16-distopt"])
+def test_an_iteration_reads_one_value_on_the_host_besides_the_loss(extra):
+    """Each host read makes the host wait for the GPU, which then idles while the host builds the next batch. Per
+    iteration the loop reads the loss with the exit flag (``tolist``, which dispatches no op on the CPU), and
+    megatron's optimizer reads the gradient norm; the weight normalizer's deviation waits for the progress log."""
+    reads = run_distributed(_host_reads_per_iteration, world_size=1,
+                            args=(BASE + ["--train-iters", "4"] + extra,))[0]
+    assert reads == [["_local_scalar_dense.default"]] * 3, reads
+
+
+def test_device_scalars_reach_tensorboard_for_every_iteration(tmp_path):
+    """The weight norm's deviation is read at each console line (every 2 here) and at the end: every iteration's
+    value is in the event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run(["--train-iters", "5", "--log-interval", "2", "--tensorboard-dir", str(tmp_path / "tb")])
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    deviation = events.Scalars("train/weight-norm-deviation")
+    assert [e.step for e in deviation] == [1, 2, 3, 4, 5]
+    assert all(0 < e.value < 0.5 for e in deviation), deviation
+    assert [e.step for e in events.Scalars("train/lm-loss")] == [1, 2, 3, 4, 5]

@@ -39,8 +39,8 @@ def microbatches(dataset, first_sample: int, micro_batch_size: int, num_microbat
 class ExitSignal:
     """SIGTERM / SIGUSR1 (what SLURM sends before the time limit) ask for a save and a clean exit.
 
-    The handler only records the signal; ranks agree at the end of an iteration (any rank signalled -> all stop),
-    so every rank saves the same iteration.
+    The handler only records the signal; ranks agree through :func:`global_batch_loss` (any rank signalled -> all
+    stop), so every rank saves the same iteration.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -53,10 +53,24 @@ class ExitSignal:
     def _handler(self, signum, frame):
         self.received = signum
 
-    def any_rank_received(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=runtime.device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+def global_batch_loss(micro_batch_losses: list, exit_requested: bool) -> tuple[float, bool]:
+    """The global batch's mean loss, on every rank, and whether any rank asked to exit.
+
+    ``micro_batch_losses`` are the schedule's per-micro-batch losses (empty off the last pipeline stage). One
+    all-reduce and one host read per iteration: the loop reads the loss anyway (its inf/NaN skip), so the exit
+    check rides along instead of costing a collective and a device synchronization of its own. The last stage's
+    first tensor-parallel rank of each data-parallel replica contributes (the other TP ranks hold the same value).
+    """
+    contributes = (parallel_state.is_pipeline_last_stage()
+                   and parallel_state.get_tensor_model_parallel_rank() == 0)
+    values = torch.zeros(2, dtype=torch.float64, device=runtime.device())
+    if contributes:
+        values[0] = torch.stack(micro_batch_losses).double().mean() / parallel_state.get_data_parallel_world_size()
+    values[1] = float(exit_requested)
+    dist.all_reduce(values)
+    loss, exits = values.tolist()
+    return loss, exits > 0
 
 
 # --- logging --------------------------------------------------------------------------------------------------
@@ -64,12 +78,6 @@ class ExitSignal:
 def is_logging_rank() -> bool:
     """The last rank is on the last pipeline stage, where losses are known."""
     return dist.get_rank() == dist.get_world_size() - 1
-
-
-def broadcast_from_last_rank(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=runtime.device())
-    dist.broadcast(t, src=dist.get_world_size() - 1)
-    return t.tolist()
 
 
 def memory_gib() -> float:
@@ -93,15 +101,29 @@ class ProgressLog:
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
         self._t0, self._iters, self._losses = time.perf_counter(), 0, []
+        self._device_scalars = []  # (name, 0-dim device tensor, iteration), written at the next console line
         self.last = {}  # the figures of the last console line (benchmarks read them)
 
     def restart_timer(self) -> None:
         """Leave evaluation and checkpoint time out of the throughput figures."""
         self._t0, self._iters = time.perf_counter(), 0
 
-    def scalar(self, name: str, value: float, iteration: int) -> None:
-        if self.writer is not None:
+    def scalar(self, name: str, value, iteration: int) -> None:
+        """A TensorBoard scalar; a tensor ``value`` is read (a device synchronization) at the next console line,
+        together with the others held since the last one."""
+        if self.writer is None:
+            return
+        if isinstance(value, torch.Tensor):
+            self._device_scalars.append((name, value.detach(), iteration))
+        else:
             self.writer.add_scalar(name, value, iteration)
+
+    def _write_device_scalars(self) -> None:
+        if self._device_scalars:
+            values = torch.stack([v.float().reshape(()) for _, v, _ in self._device_scalars]).tolist()
+            for (name, _, iteration), value in zip(self._device_scalars, values):
+                self.writer.add_scalar(name, value, iteration)
+            self._device_scalars = []
 
     def step(self, iteration: int, loss: float, lr: float, grad_norm, skipped: int, extra: dict) -> None:
         self._iters += 1
@@ -113,6 +135,7 @@ class ProgressLog:
             self.scalar("train/grad-norm", grad_norm, iteration)
         if iteration % self.log_interval:
             return
+        self._write_device_scalars()
         elapsed = time.perf_counter() - self._t0
         per_iter = elapsed / max(self._iters, 1)
         tokens_per_s = self.tokens_per_iter / per_iter
@@ -133,6 +156,7 @@ class ProgressLog:
 
     def close(self):
         if self.writer is not None:
+            self._write_device_scalars()
             self.writer.close()
 
 

@@ -109,7 +109,9 @@ class WeightNormalizer:
 
     def __init__(self, optimizer, include_embeddings: bool = False):
         self.include_embeddings = include_embeddings
-        self.last_mean_deviation = 0.0  # mean |norm - 1| before the last normalization (a TensorBoard scalar)
+        # Mean |norm - 1| before the last normalization, a TensorBoard scalar. It stays a device tensor: reading it
+        # here would make every step wait for the GPU; the progress log reads it when it writes.
+        self.mean_deviation: Optional[torch.Tensor] = None
         self._groups = []  # (inner torch optimizer, [entries], dp group or None)
         for opt in leaf_optimizers(optimizer):
             entries = []
@@ -147,7 +149,7 @@ class WeightNormalizer:
                 norms = e.main_param.float().norm(dim=1 if e.kind == "rows" else 0, keepdim=True)
                 deviations.append((norms - 1).abs().mean())
                 e.main_param.div_(norms.clamp_min(EPS).to(e.main_param.dtype))
-            self.last_mean_deviation = float(torch.stack(deviations).mean())
+            self.mean_deviation = torch.stack(deviations).mean()
             return
         # A matrix this rank holds no piece of contributes zeros, on the device the collective runs on.
         sums = torch.cat([_flat_sums(e, e.main_param.view(-1)) if e.main_param is not None
@@ -155,7 +157,7 @@ class WeightNormalizer:
                           for e in entries])
         dist.all_reduce(sums, group=group)
         norms = sums.sqrt()
-        self.last_mean_deviation = float((norms - 1).abs().mean())
+        self.mean_deviation = (norms - 1).abs().mean()
         inv = 1.0 / norms.clamp_min(EPS)
         offset = 0
         for e in entries:
