@@ -1,10 +1,13 @@
 """One-GPU benchmark suite: runtime on NCCL, per-layer cost at 1B shapes, 1B training throughput and baselines.
 
     python benchmarks/gpu_suite.py [--sections runtime,layers,train_1b_mbs4,profile_1b_mbs4,gpt_mbs2,fla_mbs4] [--out DIR] [--smoke]
+        [--accumulate N]
 
 Each section writes its results to DIR/gpu_suite.json as soon as it finishes (a later failure or a time limit
 loses nothing), and a table is printed at the end. ``--smoke`` runs every section at toy sizes on the CPU, to
-check the script before spending GPU time. Results and commands go to docs/performance.md.
+check the script before spending GPU time. ``--accumulate N`` makes every training section and baseline take an
+optimizer step after N micro-batches, as pretraining with large batches does (the optimizer's and the loop's cost
+per step is then spread over N micro-batches). Results and commands go to docs/performance.md.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from megatron_flash.testing import median_ms
 SMOKE = False
 SSD_BACKEND = "auto"  # --ssd-backend: the Mamba2 scan of the training sections
 TRAIN_ARGS: list[str] = []  # --train-args: more pretrain flags for the training sections
+ACCUMULATE = 1  # --accumulate: micro-batches per optimizer step, in the training sections and the baselines
 
 
 def out_path(args):
@@ -105,15 +109,17 @@ def section_layers():
     return rows
 
 
-def section_train(preset, micro_batch, iters=8, extra=(), profile_dir=None):
-    """Our trainer (pretrain.train) on mock data: steady-state tokens/s, MFU and memory; with ``profile_dir``, a
-    torch-profiler table of the kernels of iterations 6-7."""
+def section_train(preset, micro_batch, extra=(), profile_dir=None):
+    """Our trainer (pretrain.train) on mock data: steady-state tokens/s, MFU and memory over the second half of
+    the iterations (8, or 4 when accumulating); with ``profile_dir``, a torch-profiler table of the kernels of the
+    last two."""
     from megatron_flash import pretrain
     from megatron_flash.training import arguments
 
     seq = 64 if SMOKE else 4096
+    iters = 8 if ACCUMULATE == 1 else 4
     argv = ["--mock-data", "--preset", "tiny" if SMOKE else preset, "--seq-length", str(seq),
-            "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch),
+            "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch * ACCUMULATE),
             "--train-iters", str(iters), "--log-interval", str(iters // 2), "--eval-iters", "0",
             "--lr", "1e-3", "--ssd-backend", SSD_BACKEND, *([] if SMOKE else ["--bf16"]), *extra, *TRAIN_ARGS]
     if profile_dir:
@@ -121,8 +127,8 @@ def section_train(preset, micro_batch, iters=8, extra=(), profile_dir=None):
                  "--profile-dir", profile_dir]
     args = arguments.parse_args(argv, world_size=1)
     result = pretrain.train(args)
-    out = {"preset": preset, "micro_batch": micro_batch, "seq": seq, "ssd_backend": SSD_BACKEND,
-           "train_args": " ".join(TRAIN_ARGS), **result["last_log"],
+    out = {"preset": preset, "micro_batch": micro_batch, "accumulate": ACCUMULATE, "seq": seq,
+           "ssd_backend": SSD_BACKEND, "train_args": " ".join(TRAIN_ARGS), **result["last_log"],
            "flops_per_token": result["flops_per_token"], "final_losses": result["losses"][-2:]}
     if profile_dir:
         out["profile"] = result["profile"]
@@ -175,13 +181,15 @@ def section_gpt_baseline(micro_batch, iters=6):
     def step():
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        ddp(tokens[:, :-1], pos, mask, labels=tokens[:, 1:]).float().mean().backward()
+        for _ in range(ACCUMULATE):
+            (ddp(tokens[:, :-1], pos, mask, labels=tokens[:, 1:]).float().mean() / ACCUMULATE).backward()
         ddp.finish_grad_sync()
         opt.step()
 
     ms = median_ms(step, warmup=2, iters=iters)
-    tps = micro_batch * seq / (ms / 1000)
-    return {"params": n_params, "micro_batch": micro_batch, "ms_per_iter": ms, "tokens_per_s": tps,
+    tps = micro_batch * ACCUMULATE * seq / (ms / 1000)
+    return {"params": n_params, "micro_batch": micro_batch, "accumulate": ACCUMULATE, "ms_per_iter": ms,
+            "tokens_per_s": tps,
             "mfu_6N": 6 * n_params * tps / PEAK if PEAK else None,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
 
@@ -202,14 +210,16 @@ def section_fla_baseline(micro_batch, iters=6):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(input_ids=tokens, labels=tokens).loss.backward()
+        for _ in range(ACCUMULATE):
+            (model(input_ids=tokens, labels=tokens).loss / ACCUMULATE).backward()
         opt.step()
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     ms = median_ms(step, warmup=2, iters=iters)
-    tps = micro_batch * seq / (ms / 1000)
-    return {"params": n_params, "micro_batch": micro_batch, "ms_per_iter": ms, "tokens_per_s": tps,
+    tps = micro_batch * ACCUMULATE * seq / (ms / 1000)
+    return {"params": n_params, "micro_batch": micro_batch, "accumulate": ACCUMULATE, "ms_per_iter": ms,
+            "tokens_per_s": tps,
             "mfu_6N": 6 * n_params * tps / PEAK if PEAK else None,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
 
@@ -226,7 +236,7 @@ PEAK = 0.0
 
 
 def main():
-    global SMOKE, PEAK, SSD_BACKEND, TRAIN_ARGS
+    global SMOKE, PEAK, SSD_BACKEND, TRAIN_ARGS, ACCUMULATE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="runtime,layers,train_1b_mbs4,train_no_weight_norm_1b_mbs4,"
                                          "profile_1b_mbs4,train_3b_mbs2,gpt_mbs2,fla_mbs4",
@@ -239,8 +249,13 @@ def main():
     p.add_argument("--ssd-backend", default="auto", help="Mamba2 scan of the training sections (as pretrain's flag)")
     p.add_argument("--train-args", default="",
                    help="more pretrain flags for the training sections, one string, e.g. '--recompute-logits'")
+    p.add_argument("--accumulate", type=int, default=1,
+                   help="micro-batches per optimizer step in the training sections and baselines (default 1)")
     args = p.parse_args()
+    if args.accumulate < 1:
+        p.error(f"--accumulate must be at least 1, got {args.accumulate}")
     SMOKE = args.smoke
+    ACCUMULATE = args.accumulate
     SSD_BACKEND = args.ssd_backend
     TRAIN_ARGS = shlex.split(args.train_args)
     if not args.in_process:
@@ -287,7 +302,8 @@ def run_sections_in_subprocesses(args):
 
     for name in args.sections.split(","):
         cmd = [sys.executable, __file__, "--in-process", "--sections", name, "--out", args.out,
-               "--ssd-backend", args.ssd_backend, "--train-args", args.train_args, *(["--smoke"] if args.smoke else [])]
+               "--ssd-backend", args.ssd_backend, "--train-args", args.train_args, "--accumulate", str(args.accumulate),
+               *(["--smoke"] if args.smoke else [])]
         code = subprocess.call(cmd)
         if code:
             print(f"== {name}: process exited with {code}", flush=True)

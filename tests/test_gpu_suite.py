@@ -1,25 +1,33 @@
 """benchmarks/gpu_suite.py: its smoke run on CPU trains the tiny preset in a training section, and --train-args
-reaches the trainer (recorded in the JSON, and visible in the FLOP count, which depends on the SSD chunk)."""
+reaches the trainer (recorded in the JSON, and visible in the FLOP count, which depends on the SSD chunk);
+--accumulate reaches the trainer's global batch and the GPT baseline's step."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.tool_loading import REPO
 
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_suite.py")
 
 
-def _train_section(out_dir, *extra):
+def _sections(out_dir, names, *extra):
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
-    run = subprocess.run([sys.executable, SCRIPT, "--smoke", "--sections", "train_1b_mbs4", "--ssd-backend", "torch",
+    run = subprocess.run([sys.executable, SCRIPT, "--smoke", "--sections", ",".join(names), "--ssd-backend", "torch",
                           "--out", str(out_dir), *extra], env=env, cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    section = json.loads((out_dir / "gpu_suite.json").read_text())["train_1b_mbs4"]
-    assert "error" not in section, section
-    return section
+    results = json.loads((out_dir / "gpu_suite.json").read_text())
+    for name in names:
+        assert "error" not in results[name], results[name]
+    return [results[name] for name in names]
+
+
+def _train_section(out_dir, *extra):
+    return _sections(out_dir, ["train_1b_mbs4"], *extra)[0]
 
 
 def test_smoke_training_section_passes_train_args_to_the_trainer(tmp_path):
@@ -30,3 +38,12 @@ def test_smoke_training_section_passes_train_args_to_the_trainer(tmp_path):
     assert default["iteration"] == chunked["iteration"] == 8 and chunked["tokens_per_s"] > 0
     # the SSD's intra-chunk FLOPs grow with the chunk: 8 (the flag) counts fewer than the tiny preset's 16
     assert chunked["flops_per_token"] < default["flops_per_token"]
+
+
+def test_smoke_accumulate_reaches_the_trainer_and_the_baseline(tmp_path):
+    train, gpt = _sections(tmp_path, ["train_1b_mbs4", "gpt_mbs2"], "--accumulate", "3")
+    assert train["accumulate"] == gpt["accumulate"] == 3
+    # the trainer's figure is over the 4th iteration's global batch of 4 x 3 sequences of 64 tokens
+    assert train["iteration"] == 4
+    assert train["tokens_per_s"] == pytest.approx(4 * 3 * 64 / (train["ms_per_iter"] / 1000), rel=1e-6)
+    assert gpt["tokens_per_s"] == pytest.approx(2 * 3 * 64 / (gpt["ms_per_iter"] / 1000), rel=1e-6)
