@@ -126,6 +126,53 @@ def test_layouts_give_the_same_loss_and_gradients(single_process, tp, pp, sp):
                                    msg=lambda m, n=name: f"gradient of {n}: {m}")
 
 
+# --- the residual stream ----------------------------------------------------------------------------------------
+
+def _stack_against_its_definition(recompute):
+    """Loss and parameter gradients of the tiny model with HybridStack's forward (each layer's residual add done in
+    the next norm's kernel), then with the stack replaced by its definition, h = h + mixer(norm(h)) per layer and
+    the final norm; training mode, with or without full recomputation."""
+    from megatron_flash.models import builder
+    from megatron_flash.models.stack import HybridStack
+
+    spec = builder.resolve("tiny", layer_pattern="DFMFAF", use_cpu_initialization=True,
+                           **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+                              if recompute else {}))
+    model = builder.build_model(spec, SEQ).train()
+    tokens = torch.randint(0, spec.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(4))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens[:, :-1], labels=tokens[:, 1:]).float().mean()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fused = loss_and_grads()
+
+    def definition(stack, hidden_states, inputs):
+        for layer in stack.layers:
+            hidden_states = hidden_states + layer.mixer(layer.norm(hidden_states), inputs)
+        return stack.final_norm(hidden_states)
+
+    HybridStack.forward, original = definition, HybridStack.forward
+    try:
+        reference = loss_and_grads()
+    finally:
+        HybridStack.forward = original
+    return fused, reference
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
+def test_stack_equals_its_definition(recompute):
+    (loss, grads), (ref_loss, ref_grads) = run_distributed(_stack_against_its_definition, world_size=1,
+                                                           args=(recompute,))[0]
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, n=name: f"gradient of {n}: {m}")
+
+
 # --- packed documents -------------------------------------------------------------------------------------------
 
 def _packed_vs_separate():

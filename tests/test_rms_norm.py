@@ -1,4 +1,4 @@
-"""ops.rms_norm: RMSNorm against torch's F.rms_norm, the gated RMSNorm against its formula on strided views and unit
+"""ops.rms_norm: RMSNorm against torch's F.rms_norm (with the residual add before it: add_rms_norm), the gated RMSNorm against its formula on strided views and unit
 rows against F.normalize, eager on the CPU and compiled (fused) on a GPU. The gated norm's Triton kernels against the
 formula in fp64, values and gradients, on awkward sizes: groups that are no power of two, a transposed y, a strided
 slice for z, rows not a multiple of the rows per backward program; on a GPU, or on the CPU under Triton's
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_flash.ops.rms_norm import gated_rms_norm, rms_norm, unit_rows
+from megatron_flash.ops.rms_norm import add_rms_norm, gated_rms_norm, rms_norm, unit_rows
 from tests.triton_kernels import (HAVE_TRITON, TRITON_DEVICE, needs_triton_kernels, run_under_interpreter,
                                   starts_the_interpreter)
 
@@ -44,6 +44,37 @@ def test_rms_norm_matches_torch(dtype, tol):
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
     want = _value_and_grads(lambda: F.rms_norm(x64, (37,), w64, 1e-5), x64, w64)
     _assert_all_close(got, [t.to(dtype) for t in want], **tol)
+
+
+def _add_rms_norm_case(dtype, device):
+    """add_rms_norm and its definition, the add (rounded to the input dtype) then F.rms_norm on fp64 copies: both
+    results, and the gradients of x, delta and w under one cotangent for each result."""
+    x, d = _leaf(3, 5, 37, dtype=dtype, seed=10, device=device), _leaf(3, 5, 37, dtype=dtype, seed=11, device=device)
+    w = _leaf(37, dtype=dtype, seed=12, device=device)
+    x64, d64, w64 = (t.detach().double().requires_grad_() for t in (x, d, w))
+
+    def definition():
+        total = (x64.to(dtype) + d64.to(dtype)).double()  # the sum the norm reads is rounded, as the plain add's
+        return total, F.rms_norm(total, (37,), w64, 1e-5)
+
+    def both(pair):  # one scalar from both results, so each gets its own cotangent
+        total, normed = pair
+        gen = torch.Generator().manual_seed(98)
+        return torch.stack([(r.double() * torch.randn(r.shape, generator=gen).to(r.device).double()).sum()
+                            for r in (total, normed)]).sum().reshape(1)
+
+    got, want = [], []
+    for fn, leaves, out in ((lambda: add_rms_norm(x, d, w, 1e-5), (x, d, w), got), (definition, (x64, d64, w64), want)):
+        pair = fn()
+        both(pair).sum().backward()
+        out += [r.detach() for r in pair] + [t.grad.clone() for t in leaves]
+    return got, [t.to(dtype) for t in want]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, dict(rtol=1e-12, atol=1e-12)),
+                                       (torch.bfloat16, dict(rtol=1.6e-2, atol=2e-2))])
+def test_add_rms_norm_matches_the_add_then_the_norm(dtype, tol):
+    _assert_all_close(*_add_rms_norm_case(dtype, "cpu"), **tol)
 
 
 def test_rms_norm_of_a_transposed_view_is_contiguous():
@@ -123,7 +154,8 @@ def test_compiled_kernels_match_the_references_on_gpu(dtype):
     _assert_all_close(got, [t.to(dtype) for t in want], **tol)
     assert gated_rms_norm(y.transpose(0, 1), z[..., :9], g, 27, 1e-5).grad_fn._forward_cls is GatedRMSNormFunction
     _assert_all_close(*_unit_rows_case(dtype, "cuda"), **tol)
-    assert counters["stats"]["unique_graphs"] >= 2  # the compiled path ran: rms_norm and unit_rows
+    _assert_all_close(*_add_rms_norm_case(dtype, "cuda"), **tol)
+    assert counters["stats"]["unique_graphs"] >= 3  # the compiled path ran: rms_norm, unit_rows and add_rms_norm
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The residual block every layer shares, and the interface a mixer implements.
 
-A layer is ``x + mixer(norm(x))``. A mixer (DeltaNet, Mamba2, attention, FFN) is a MegatronModule built from a
+A layer is ``x + mixer(norm(x))``, computed as ``(x, mixer(norm(x)))``: the next layer's norm does the add in its
+kernel (HybridLayer.forward). A mixer (DeltaNet, Mamba2, attention, FFN) is a MegatronModule built from a
 ModuleSpec with ``(config, layer_number, submodules=...)`` and called as ``mixer(hidden_states, inputs)``:
 
 * ``hidden_states``: [sequence, batch, hidden], sequence-sharded over TP ranks when ``config.sequence_parallel``;
@@ -24,6 +25,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
+
+from megatron_flash.layers.norm import add_and_norm
 
 READS_RESIDUAL = "rows"
 WRITES_RESIDUAL = "cols"
@@ -87,12 +90,18 @@ class HybridLayer(MegatronModule):
         self.mixer = build_module(submodules.mixer, config=config, layer_number=layer_number)
         self.profiler_range = f"{LAYER_RANGE_PREFIX}{type(self.mixer).__name__}"
 
-    def forward(self, hidden_states: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+    def forward(self, residual: torch.Tensor, pending: Optional[torch.Tensor],
+                inputs: MixerInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block with its residual add left to the next norm: returns ``(residual, mixer_out)``, whose sum is
+        the block's output. ``pending`` is the previous block's ``mixer_out`` (None for a stage's first layer); it
+        is added to ``residual`` in this block's norm kernel (layers.norm.add_and_norm), which saves the residual
+        stream a separate add each way."""
         # A named range per layer type, so --profile can report forward time by layer type; only while profiling,
         # since a range costs ~5-15 us of host time even when nothing records it.
         profiling = torch.autograd.profiler._is_profiler_enabled
         with torch.profiler.record_function(self.profiler_range) if profiling else contextlib.nullcontext():
-            return hidden_states + self.mixer(self.norm(hidden_states), inputs)
+            residual, normed = add_and_norm(self.norm, residual, pending)
+            return residual, self.mixer(normed, inputs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """megatron's default, except that plain parameters the mixers shard over TP themselves (convolutions, SSM

@@ -2,13 +2,18 @@
 
 megatron's WrappedTorchNorm refuses sequence parallelism. This one marks its weight ``sequence_parallel`` so that
 megatron's finalize_model_grads sums its gradient over TP ranks (each sees a different slice of the sequence).
+
+:func:`add_and_norm` is how the residual stream's norms are applied: the previous layer's residual add is done in
+the norm's kernel (ops.rms_norm.add_rms_norm).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from megatron_flash.ops.rms_norm import rms_norm
+from megatron_flash.ops.rms_norm import add_rms_norm, rms_norm
 
 
 class RMSNorm(torch.nn.Module):
@@ -22,3 +27,17 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+def add_and_norm(norm: torch.nn.Module, residual: torch.Tensor,
+                 pending: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(residual + pending, norm(residual + pending))``; ``pending`` None stands for zero (a stage's first layer).
+
+    With :class:`RMSNorm` the add runs in the norm's fused kernel, forward and backward; another norm (Transformer
+    Engine's, from the TE specs) gets the plain add first."""
+    if pending is None:
+        return residual, norm(residual)
+    if isinstance(norm, RMSNorm):
+        return add_rms_norm(residual, pending, norm.weight, norm.eps)
+    residual = residual + pending
+    return residual, norm(residual)

@@ -13,6 +13,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 
 from megatron_flash import patterns
 from megatron_flash.layers.base import MixerInputs
+from megatron_flash.layers.norm import add_and_norm
 from megatron_flash.models import specs
 
 
@@ -63,11 +64,14 @@ class HybridStack(MegatronModule):
         if self.input_tensor is not None:
             hidden_states = self.input_tensor
         recompute = self.config.recompute_granularity == "full" and self.training
+        # each layer returns its residual add undone, for the next norm to do in its kernel (HybridLayer.forward)
+        residual, pending = hidden_states, None
         for layer in self.layers:
-            if recompute:  # keep only each layer's input; rerun the layer in backward
-                hidden_states = tensor_parallel.checkpoint(partial(layer, inputs=inputs), False, hidden_states)
+            if recompute:  # keep only each layer's inputs; rerun the layer in backward
+                residual, pending = tensor_parallel.checkpoint(partial(layer, inputs=inputs), False, residual, pending)
             else:
-                hidden_states = layer(hidden_states, inputs)
+                residual, pending = layer(residual, pending, inputs)
         if self.final_norm is not None:
-            hidden_states = self.final_norm(hidden_states)
-        return hidden_states
+            return add_and_norm(self.final_norm, residual, pending)[1]
+        # the next pipeline stage receives one tensor
+        return residual if pending is None else residual + pending

@@ -1,7 +1,8 @@
 """RMSNorm, Mamba2's gated RMSNorm and unit-L2 rows, computed in fp32 whatever the input dtype, fused on GPUs: by
 torch.compile (ops/compile.py), the gated norm by our Triton kernels (ops/gated_rms_norm_triton.py).
 
-``rms_norm(x, w) = x * rsqrt(mean(x^2) + eps) * w`` over the last dimension;
+``rms_norm(x, w) = x * rsqrt(mean(x^2) + eps) * w`` over the last dimension; ``add_rms_norm(x, d, w)`` is
+``(x + d, rms_norm(x + d, w))``, the residual add fused into the norm that reads its result;
 ``gated_rms_norm(y, z, w) = rms_norm(y * silu(z)) * w`` with y, z [..., heads, head_dim] (any strides: the kernels
 read views in place) flattened to [..., heads * head_dim] (contiguous) and normalized over groups of ``group_size``
 of those channels (mamba_ssm's ``RMSNormGated`` with ``norm_before_gate=False``); :func:`gated_rms_norm_reference`
@@ -27,12 +28,25 @@ except ImportError:  # pragma: no cover - triton is an optional (gpu) dependency
 GATED_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@compiled_on_cuda
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = at_least_fp32(x)
     # contiguous whatever x's layout (a no-op for the residual stream's norms): compiled, the kernel writes that
     # layout itself, so DeltaNet's norm of a [s, b] view of its [b, s] output needs no transposing copy
     return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * at_least_fp32(weight)).to(x.dtype).contiguous()
+
+
+rms_norm = compiled_on_cuda(_rms_norm)
+
+
+@compiled_on_cuda
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + delta, rms_norm(x + delta, weight))``: a pre-norm residual stream's add and the next layer's norm.
+    Compiled, one kernel each way in place of an add and a norm: forward reads x and delta once and writes both
+    results; backward sums the sum's gradient with the norm's in the norm's kernel (autograd would add them in a
+    separate pass). The sum is rounded to x's dtype before the norm reads it, as with the separate add."""
+    total = x + delta
+    return total, _rms_norm(total, weight, eps)
 
 
 def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
