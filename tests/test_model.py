@@ -173,6 +173,29 @@ def test_stack_equals_its_definition(recompute):
                                    msg=lambda m, n=name: f"gradient of {n}: {m}")
 
 
+def _modules_owning_parameters_and_modules_called():
+    from megatron_flash.models import builder
+
+    spec = builder.resolve("tiny", layer_pattern="DFMFAFSF", sliding_window=5, use_cpu_initialization=True)
+    model = builder.build_model(spec, SEQ).train()
+    owners = {name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    called = set()
+    for name, module in model.named_modules():
+        module.register_forward_pre_hook(lambda m, args, name=name: called.add(name))
+    tokens = torch.randint(0, spec.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(6))
+    model(tokens[:, :-1], labels=tokens[:, 1:]).float().mean().backward()
+    return owners, called
+
+
+def test_every_parameter_is_read_inside_its_modules_call():
+    """Each module that owns parameters is called (its forward pre-hooks run) in a training forward: what megatron's
+    overlapped parameter all-gather relies on to wait for a bucket before its parameters are read. The residual
+    norms, which the stack applies through layers.norm.add_and_norm, included."""
+    owners, called = run_distributed(_modules_owning_parameters_and_modules_called, world_size=1)[0]
+    assert any(name.endswith(".norm") for name in owners) and "decoder.final_norm" in owners
+    assert owners <= called, f"modules whose parameters are read without calling them: {sorted(owners - called)}"
+
+
 # --- packed documents -------------------------------------------------------------------------------------------
 
 def _packed_vs_separate():

@@ -25,8 +25,13 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         self.weight.sequence_parallel = config.sequence_parallel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, add: Optional[torch.Tensor] = None):
+        """The norm of ``x``; with ``add``, ``(x + add, norm(x + add))`` in one kernel (ops.rms_norm.add_rms_norm).
+        Both go through the module call, so module hooks (megatron's parameter all-gather waits) see the weight
+        read."""
+        if add is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, add, self.weight, self.eps)
 
 
 def add_and_norm(norm: torch.nn.Module, residual: torch.Tensor,
@@ -38,6 +43,6 @@ def add_and_norm(norm: torch.nn.Module, residual: torch.Tensor,
     if pending is None:
         return residual, norm(residual)
     if isinstance(norm, RMSNorm):
-        return add_rms_norm(residual, pending, norm.weight, norm.eps)
+        return norm(residual, add=pending)
     residual = residual + pending
     return residual, norm(residual)
