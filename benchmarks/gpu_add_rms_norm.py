@@ -12,14 +12,10 @@ to $OUT, else the current folder).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-
 import torch
 
 from megatron_flash.ops.rms_norm import add_rms_norm, rms_norm
-from megatron_flash.testing import median_ms, relative_error
+from megatron_flash.testing import kernel_benchmark_arguments, time_and_compare, write_json
 
 FULL = dict(tokens=16 * 4352, hidden=2048, warmup=3, iters=20, device="cuda")
 SMOKE = dict(tokens=40, hidden=24, warmup=1, iters=2, device="cpu")
@@ -60,26 +56,16 @@ def run(fn, tensors, cotangents):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args(argv)
+    args = kernel_benchmark_arguments(__doc__.split("\n\n")[0], argv)
     cfg = SMOKE if args.smoke else FULL
     tensors, cotangents = inputs(cfg)
     want = run(definition, tensors, cotangents)
     results = {"device": torch.cuda.get_device_name() if cfg["device"] == "cuda" else "cpu", "torch": torch.__version__,
-               "shape": [cfg["tokens"], cfg["hidden"]], "dtype": "bfloat16", "variants": {}}
-    for name, fn in (("separate", separate), ("fused", fused)):
-        got = run(fn, tensors, cotangents)
-        row = {"fwd_bwd_ms": round(median_ms(lambda: run(fn, tensors, cotangents), cfg["warmup"], cfg["iters"]), 4),
-               **{f"rel_diff_{key}": relative_error(g, r)
-                  for key, g, r in zip(("sum", "normed", "dx", "ddelta", "dweight"), got, want, strict=True)}}
-        results["variants"][name] = row
-        print(f"{name:9s} {row}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "add_rms_norm.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    return results
+               "shape": [cfg["tokens"], cfg["hidden"]], "dtype": "bfloat16",
+               "variants": time_and_compare({"separate": separate, "fused": fused},
+                                            lambda fn: run(fn, tensors, cotangents), want,
+                                            ("sum", "normed", "dx", "ddelta", "dweight"), cfg["warmup"], cfg["iters"])}
+    return write_json(args.out, "add_rms_norm.json", results)
 
 
 if __name__ == "__main__":

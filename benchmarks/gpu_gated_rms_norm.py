@@ -12,14 +12,10 @@ else the current folder).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-
 import torch
 
 from megatron_flash.ops.rms_norm import gated_rms_norm, gated_rms_norm_reference
-from megatron_flash.testing import median_ms, relative_error
+from megatron_flash.testing import kernel_benchmark_arguments, time_and_compare, write_json
 
 FULL = dict(batch=4, seq=4352, heads=64, head_dim=64, warmup=3, iters=10, device="cuda")
 SMOKE = dict(batch=2, seq=40, heads=3, head_dim=8, warmup=1, iters=2, device="cpu")
@@ -48,10 +44,7 @@ def run(norm, scan_out, projection, weight, cotangent):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args(argv)
+    args = kernel_benchmark_arguments(__doc__.split("\n\n")[0], argv)
     cfg = SMOKE if args.smoke else FULL
     inputs = layer_inputs(cfg)
     wide = [t.float() for t in inputs]
@@ -60,18 +53,10 @@ def main(argv=None) -> dict:
     if not args.smoke:
         variants = {"triton": gated_rms_norm, "compiled": torch.compile(gated_rms_norm_reference, fullgraph=True)}
     results = {"device": torch.cuda.get_device_name() if cfg["device"] == "cuda" else "cpu", "torch": torch.__version__,
-               "shape": [cfg["seq"], cfg["batch"], cfg["heads"], cfg["head_dim"]], "dtype": "bfloat16", "variants": {}}
-    for name, norm in variants.items():
-        got = run(norm, *inputs)
-        row = {"fwd_bwd_ms": round(median_ms(lambda: run(norm, *inputs), cfg["warmup"], cfg["iters"]), 3),
-               **{f"rel_diff_{key}": relative_error(g, r)
-                  for key, g, r in zip(("out", "dy", "dprojection", "dweight"), got, want, strict=True)}}
-        results["variants"][name] = row
-        print(f"{name:10s} {row}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gated_rms_norm.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    return results
+               "shape": [cfg["seq"], cfg["batch"], cfg["heads"], cfg["head_dim"]], "dtype": "bfloat16",
+               "variants": time_and_compare(variants, lambda norm: run(norm, *inputs), want,
+                                            ("out", "dy", "dprojection", "dweight"), cfg["warmup"], cfg["iters"])}
+    return write_json(args.out, "gated_rms_norm.json", results)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Used by the tests to check TP/PP/DP equivalence and by benchmarks; nothing leave
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -188,6 +189,35 @@ def step_times_ms(step, warmup: int = 2, iters: int = 5, cuda: bool | None = Non
 def median_ms(step, warmup: int = 2, iters: int = 5) -> float:
     """Median of :func:`step_times_ms`."""
     return statistics.median(step_times_ms(step, warmup, iters))
+
+
+def time_and_compare(variants: dict, run, want: list, keys: tuple, warmup: int, iters: int) -> dict:
+    """A kernel benchmark's table: for each named variant ``fn``, ``run(fn)`` (it returns the results and gradients,
+    one per ``keys`` entry) timed as the median ms of ``iters`` calls after ``warmup``, and the relative error of each
+    result against ``want``; each row printed as it is done."""
+    rows = {}
+    for name, fn in variants.items():
+        got = run(fn)
+        rows[name] = {"fwd_bwd_ms": round(median_ms(lambda: run(fn), warmup, iters), 4),
+                      **{f"rel_diff_{key}": relative_error(g, r) for key, g, r in zip(keys, got, want, strict=True)}}
+        print(f"{name:10s} {rows[name]}", flush=True)
+    return rows
+
+
+def kernel_benchmark_arguments(description: str, argv=None) -> argparse.Namespace:
+    """The kernel benchmarks' flags: ``--out DIR`` (default $OUT, else the current folder) and ``--smoke``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--smoke", action="store_true")
+    return parser.parse_args(argv)
+
+
+def write_json(folder: str, file_name: str, results: dict) -> dict:
+    """``results`` to folder/file_name (the folder made if needed); returns them."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, file_name), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
 
 
 class OpTrace(TorchDispatchMode):
