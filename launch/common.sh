@@ -91,7 +91,8 @@ mf_recipe() {  # mf_recipe 1b|3b|longctx: the recipe's defaults, each kept when 
     case "$1" in
         1b)
             : "${MF_PRESET:=nemotron_flash_1b}" "${MF_RUN_NAME:=nemotron_flash_1b}"
-            : "${MF_TP:=1}" "${MF_MICRO_BATCH:=4}"
+            # ~52 GiB per H100 at DP 32 by the H200 measurements (launch/README.md, "Memory per GPU")
+            : "${MF_TP:=1}" "${MF_MICRO_BATCH:=8}"
             ;;
         3b)
             : "${MF_PRESET:=nemotron_flash_3b}" "${MF_RUN_NAME:=nemotron_flash_3b}"
