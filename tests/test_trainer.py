@@ -434,6 +434,26 @@ def _host_reads_per_iteration(argv):
     return [after[len(before):] for before, after in zip(seen, seen[1:])]
 
 
+def _tensorboard_scalars(folder, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return events.Scalars(tag)
+
+
+def test_weight_norm_deviation_is_the_same_with_the_distributed_optimizer(tmp_path):
+    """The logged deviation is the mean over every normalized row/column, whether the main params are whole (one
+    process) or flat shards over DP ranks (distributed optimizer, DP 2): the same training, the same curve."""
+    _run(["--train-iters", "3", "--tensorboard-dir", str(tmp_path / "one")])
+    _run(["--train-iters", "3", "--use-distributed-optimizer", "--tensorboard-dir", str(tmp_path / "dp2")], world=2)
+    one, dp2 = ([e.value for e in _tensorboard_scalars(tmp_path / run, "train/weight-norm-deviation")]
+                for run in ("one", "dp2"))
+    # the first step's learning rate is 0 (one warmup iteration): its deviation is rounding, ~1e-8
+    assert len(one) == 3 and min(one[1:]) > 1e-4, one
+    assert dp2 == pytest.approx(one, rel=1e-3, abs=1e-6)
+
+
 @pytest.mark.parametrize("extra", [[], ["--use-distributed-optimizer", "--bf16"]], ids=["fp32", "bf16-distopt"])
 def test_an_iteration_reads_one_value_on_the_host_besides_the_loss(extra):
     """Each host read makes the host wait for the GPU, which then idles while the host builds the next batch. Per
@@ -447,12 +467,8 @@ def test_an_iteration_reads_one_value_on_the_host_besides_the_loss(extra):
 def test_device_scalars_reach_tensorboard_for_every_iteration(tmp_path):
     """The weight norm's deviation is read at each console line (every 2 here) and at the end: every iteration's
     value is in the event file."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     _run(["--train-iters", "5", "--log-interval", "2", "--tensorboard-dir", str(tmp_path / "tb")])
-    events = EventAccumulator(str(tmp_path / "tb"))
-    events.Reload()
-    deviation = events.Scalars("train/weight-norm-deviation")
+    deviation = _tensorboard_scalars(tmp_path / "tb", "train/weight-norm-deviation")
     assert [e.step for e in deviation] == [1, 2, 3, 4, 5]
     assert all(0 < e.value < 0.5 for e in deviation), deviation
-    assert [e.step for e in events.Scalars("train/lm-loss")] == [1, 2, 3, 4, 5]
+    assert [e.step for e in _tensorboard_scalars(tmp_path / "tb", "train/lm-loss")] == [1, 2, 3, 4, 5]

@@ -109,19 +109,26 @@ class WeightNormalizer:
 
     def __init__(self, optimizer, include_embeddings: bool = False):
         self.include_embeddings = include_embeddings
-        # Mean |norm - 1| before the last normalization, a TensorBoard scalar. It stays a device tensor: reading it
-        # here would make every step wait for the GPU; the progress log reads it when it writes.
-        self.mean_deviation: Optional[torch.Tensor] = None
-        self._groups = []  # (inner torch optimizer, [entries], dp group or None)
-        for opt in leaf_optimizers(optimizer):
+        # Per leaf optimizer, (sum of |norm - 1|, number of rows/columns) before its last normalization: device
+        # tensors, since reading them here would make every step wait for the GPU (see mean_deviation).
+        self._deviations: dict[int, tuple[torch.Tensor, int]] = {}
+        for index, opt in enumerate(leaf_optimizers(optimizer)):
             entries = []
             for mp, sp, start in main_params(opt):
                 kind = self.kind_of(mp)
                 if kind is not None:
                     entries.append(_Entry(mp, sp, kind, start))
             group = opt.data_parallel_group if isinstance(opt, DistributedOptimizer) else None
-            self._groups.append((entries, group))
-            self._wrap_inner_step(opt.optimizer, entries, group)
+            self._wrap_inner_step(opt.optimizer, index, entries, group)
+
+    @property
+    def mean_deviation(self) -> Optional[torch.Tensor]:
+        """Mean |norm - 1| over every normalized row/column of this rank's stage before the last normalization (all
+        leaf optimizers, full matrices under the distributed optimizer), a TensorBoard scalar; None before the first
+        step. A device tensor: the progress log reads it when it writes."""
+        if not self._deviations:
+            return None
+        return sum(total for total, _ in self._deviations.values()) / sum(n for _, n in self._deviations.values())
 
     def kind_of(self, param) -> Optional[str]:
         kind = getattr(param, "weight_norm", None)
@@ -129,41 +136,43 @@ class WeightNormalizer:
             kind = "rows"
         return kind if param.dim() == 2 or kind is None else None
 
-    def _wrap_inner_step(self, inner, entries, group):
+    def _wrap_inner_step(self, inner, index, entries, group):
         original_step = inner.step
 
         def step_then_normalize(*args, **kwargs):
             result = original_step(*args, **kwargs)
-            self.normalize(entries, group)
+            deviation = self.normalize(entries, group)
+            if deviation is not None:
+                self._deviations[index] = deviation
             return result
 
         inner.step = step_then_normalize
 
     @torch.no_grad()
-    def normalize(self, entries, group) -> None:
+    def normalize(self, entries, group) -> Optional[tuple[torch.Tensor, int]]:
+        """Normalizes ``entries``; returns (sum of |norm - 1| on the device, number of rows/columns), None if none."""
         if not entries:
-            return
+            return None
         if group is None:
             deviations = []
             for e in entries:
                 norms = e.main_param.float().norm(dim=1 if e.kind == "rows" else 0, keepdim=True)
-                deviations.append((norms - 1).abs().mean())
+                deviations.append((norms - 1).abs().sum())
                 e.main_param.div_(norms.clamp_min(EPS).to(e.main_param.dtype))
-            self.mean_deviation = torch.stack(deviations).mean()
-            return
+            return torch.stack(deviations).sum(), sum(e.count() for e in entries)
         # A matrix this rank holds no piece of contributes zeros, on the device the collective runs on.
         sums = torch.cat([_flat_sums(e, e.main_param.view(-1)) if e.main_param is not None
                           else torch.zeros(e.count(), dtype=torch.float32, device=e.model_param.device)
                           for e in entries])
         dist.all_reduce(sums, group=group)
         norms = sums.sqrt()
-        self.mean_deviation = (norms - 1).abs().mean()
         inv = 1.0 / norms.clamp_min(EPS)
         offset = 0
         for e in entries:
             if e.main_param is not None:
                 _flat_rescale(e, e.main_param.view(-1), inv[offset:offset + e.count()])
             offset += e.count()
+        return (norms - 1).abs().sum(), norms.numel()
 
 
 @torch.no_grad()
