@@ -1,8 +1,9 @@
-"""ops.rms_norm: RMSNorm against torch's F.rms_norm (with the residual add before it: add_rms_norm), the gated RMSNorm against its formula on strided views and unit
-rows against F.normalize, eager on the CPU and compiled (fused) on a GPU. The gated norm's Triton kernels against the
-formula in fp64, values and gradients, on awkward sizes: groups that are no power of two, a transposed y, a strided
-slice for z, rows not a multiple of the rows per backward program; on a GPU, or on the CPU under Triton's
-interpreter (a subprocess with TRITON_INTERPRET=1, tests/triton_kernels.py)."""
+"""ops.rms_norm: RMSNorm against torch's F.rms_norm (with the residual add before it: add_rms_norm), the gated
+RMSNorm against its formula on strided views and unit rows against F.normalize, eager on the CPU and compiled
+(fused) on a GPU. The gated norm's Triton kernels against the formula in fp64, values and gradients, on awkward
+sizes: groups that are no power of two, a transposed y, a strided slice for z, rows not a multiple of the rows per
+backward program; on a GPU, or on the CPU under Triton's interpreter (a subprocess with TRITON_INTERPRET=1,
+tests/triton_kernels.py)."""
 
 import re
 
