@@ -136,7 +136,9 @@ def section_train(preset, micro_batch, extra=(), profile_dir=None):
 
 
 TRAIN_SECTION = re.compile(r"(train|train_no_weight_norm|profile)_(1b|3b)_mbs(\d+)$")
-BASELINE_SECTION = re.compile(r"(gpt|fla)_mbs(\d+)$")  # the baselines at the 1B size, micro-batch N
+# the baselines at the 1B size, micro-batch N: fla at the 1B's shape (12 blocks, 923M parameters), or sized to its
+# parameter count (fla_sized: the FFN widened, 961M against 965M)
+BASELINE_SECTION = re.compile(r"(gpt|fla|fla_sized)_mbs(\d+)$")
 
 
 def train_section(name, out_dir):
@@ -194,15 +196,41 @@ def section_gpt_baseline(micro_batch, iters=6):
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
 
 
-def section_fla_baseline(micro_batch, iters=6):
-    """fla's DeltaNetForCausalLM (12 blocks, hidden 2048, FFN 6144, tied 131072 vocab) in plain PyTorch with fused
-    AdamW: what flame users get."""
+def fla_config(sized: bool):
+    """fla's DeltaNetConfig at the 1B preset's shape (12 blocks, hidden 2048, FFN 6144, tied 131072 vocab), or
+    with ``sized`` its FFN widened, in steps of 256, to the widest whose parameter count stays within the 1B
+    preset's released count (so any difference favors the baseline)."""
     from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+    from megatron_flash.presets import RELEASED_PARAMETER_COUNTS
 
-    h, layers, vocab, seq = (64, 2, 512, 64) if SMOKE else (2048, 12, 131072, 4096)
-    cfg = DeltaNetConfig(hidden_size=h, num_hidden_layers=layers, num_heads=max(1, h // 128),
-                         intermediate_size=3 * h, vocab_size=vocab, tie_word_embeddings=True,
-                         fuse_cross_entropy=False, fuse_linear_cross_entropy=False)
+    h, layers, vocab = (64, 2, 512) if SMOKE else (2048, 12, 131072)
+
+    def config(ffn):
+        return DeltaNetConfig(hidden_size=h, num_hidden_layers=layers, num_heads=max(1, h // 128),
+                              intermediate_size=ffn, vocab_size=vocab, tie_word_embeddings=True,
+                              fuse_cross_entropy=False, fuse_linear_cross_entropy=False)
+
+    if not sized:
+        return config(3 * h)
+
+    def count(ffn):
+        with torch.device("meta"):
+            return sum(p.numel() for p in DeltaNetForCausalLM(config(ffn)).parameters())
+
+    # the count is linear in the FFN width: solve, then round down to a multiple of 256
+    target, base, step = RELEASED_PARAMETER_COUNTS["nemotron_flash_1b"], count(3 * h), count(3 * h + 256)
+    if SMOKE:  # the tiny shape has no released count: one step wider shows the sizing runs
+        return config(3 * h + 256)
+    return config(3 * h + 256 * ((target - base) // (step - base)))
+
+
+def section_fla_baseline(micro_batch, iters=6, sized=False):
+    """fla's DeltaNetForCausalLM (:func:`fla_config`) in plain PyTorch with fused AdamW: what flame users get."""
+    from fla.models import DeltaNetForCausalLM
+
+    seq = 64 if SMOKE else 4096
+    cfg = fla_config(sized)
+    vocab = cfg.vocab_size
     model = DeltaNetForCausalLM(cfg).to(device(), dtype=torch.float32 if SMOKE else torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.cuda.is_available())
@@ -218,8 +246,8 @@ def section_fla_baseline(micro_batch, iters=6):
         torch.cuda.reset_peak_memory_stats()
     ms = median_ms(step, warmup=2, iters=iters)
     tps = micro_batch * ACCUMULATE * seq / (ms / 1000)
-    return {"params": n_params, "micro_batch": micro_batch, "accumulate": ACCUMULATE, "ms_per_iter": ms,
-            "tokens_per_s": tps,
+    return {"params": n_params, "ffn": cfg.intermediate_size, "micro_batch": micro_batch,
+            "accumulate": ACCUMULATE, "ms_per_iter": ms, "tokens_per_s": tps,
             "mfu_6N": 6 * n_params * tps / PEAK if PEAK else None,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
 
@@ -242,7 +270,7 @@ def main():
                                          "profile_1b_mbs4,train_3b_mbs2,gpt_mbs2,fla_mbs4",
                    help="comma-separated; each runs in its own process so one cannot starve the next of memory. "
                         "Training sections are named (train|train_no_weight_norm|profile)_(1b|3b)_mbsN, "
-                        "baselines (gpt|fla)_mbsN")
+                        "baselines (gpt|fla|fla_sized)_mbsN")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--smoke", action="store_true")
@@ -283,7 +311,8 @@ def main():
                 value = train_section(name, args.out)
             elif BASELINE_SECTION.match(name):
                 kind, mbs = BASELINE_SECTION.match(name).groups()
-                value = (section_gpt_baseline if kind == "gpt" else section_fla_baseline)(int(mbs))
+                value = (section_gpt_baseline(int(mbs)) if kind == "gpt"
+                         else section_fla_baseline(int(mbs), sized=kind == "fla_sized"))
             else:
                 value = sections[name]()
         except Exception as exc:  # noqa: BLE001 - keep going: one failure must not lose the other sections

@@ -47,3 +47,25 @@ def test_smoke_accumulate_reaches_the_trainer_and_the_baseline(tmp_path):
     assert train["iteration"] == 4
     assert train["tokens_per_s"] == pytest.approx(4 * 3 * 64 / (train["ms_per_iter"] / 1000), rel=1e-6)
     assert gpt["tokens_per_s"] == pytest.approx(2 * 3 * 64 / (gpt["ms_per_iter"] / 1000), rel=1e-6)
+
+
+def test_sized_fla_baseline_is_the_widest_ffn_within_the_1b_parameter_count():
+    pytest.importorskip("fla")
+    import torch
+    from fla.models import DeltaNetForCausalLM
+
+    from megatron_flash.presets import RELEASED_PARAMETER_COUNTS
+    from tests.tool_loading import load_script
+
+    suite = load_script("benchmarks", "gpu_suite")
+
+    def count(config):
+        with torch.device("meta"):
+            return sum(p.numel() for p in DeltaNetForCausalLM(config).parameters())
+
+    shaped, sized = suite.fla_config(sized=False), suite.fla_config(sized=True)
+    assert shaped.intermediate_size == 6144 and sized.intermediate_size % 256 == 0
+    target = RELEASED_PARAMETER_COUNTS["nemotron_flash_1b"]
+    assert count(shaped) < count(sized) <= target
+    sized.intermediate_size += 256  # one step wider passes the 1B's count
+    assert count(sized) > target
