@@ -23,6 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_flash import flops, runtime
 from megatron_flash.models import builder, specs
 from megatron_flash.models.packing import document_boundaries_from_eod
+from megatron_flash.ops import wgrad
 from megatron_flash.training import arguments, checkpointing
 from megatron_flash.training.loop_utils import (ExitSignal, ProgressLog, StepProfiler, global_batch_loss,
                                                 is_logging_rank, microbatches, peak_flops_per_second)
@@ -50,11 +51,13 @@ def build_model_and_optimizer(args, vocab_size: int):
         recompute_granularity="full" if args.recompute_activations else None,
         recompute_method="uniform" if args.recompute_activations else None,
         recompute_num_layers=1 if args.recompute_activations else None,
-        recompute_logits=args.recompute_logits,
+        recompute_logits=args.recompute_logits, gradient_accumulation_fusion=args.gradient_accumulation_fusion,
     )
     use_te = args.transformer_impl == "transformer_engine"
     if use_te and not specs.te_available():
         raise RuntimeError("--transformer-impl transformer_engine: Transformer Engine is not installed")
+    if args.gradient_accumulation_fusion:
+        wgrad.install()
     model = builder.build_model(spec, args.seq_length, use_te=use_te)
     if args.weight_norm:
         normalize_model_params([model], args.weight_norm_embeddings)

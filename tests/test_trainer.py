@@ -397,6 +397,35 @@ def test_short_conv_backend_reaches_the_layers(reference):
     assert run["losses"] == reference["losses"]
 
 
+def _train_counting_fused_wgrads(argv):
+    """The run, and how many weight gradients megatron's linears accumulated through ops/wgrad.py."""
+    from megatron_flash.ops import wgrad
+
+    calls, original = [], wgrad.wgrad_gemm_accum_fp32
+
+    def counted(*args):
+        calls.append(1)
+        original(*args)
+
+    wgrad.wgrad_gemm_accum_fp32 = counted
+    try:
+        return _train(argv), len(calls)
+    finally:
+        wgrad.wgrad_gemm_accum_fp32 = original
+
+
+def test_gradient_accumulation_fusion_changes_no_loss():
+    """By default megatron's linears accumulate their weight gradients into the fp32 main gradients themselves
+    (ops/wgrad.py), over 2 micro-batches per step here; --no-gradient-accumulation-fusion leaves that to DDP's
+    hooks. The same losses either way."""
+    argv = BASE + ["--train-iters", "3"]
+    (fused, fused_calls), = run_distributed(_train_counting_fused_wgrads, world_size=1, args=(argv,))
+    (unfused, unfused_calls), = run_distributed(_train_counting_fused_wgrads, world_size=1,
+                                                args=(argv + ["--no-gradient-accumulation-fusion"],))
+    assert fused_calls > 0 and unfused_calls == 0
+    torch.testing.assert_close(torch.tensor(fused["losses"]), torch.tensor(unfused["losses"]), rtol=1e-6, atol=0)
+
+
 def _train_profiled(argv):
     from megatron_flash import pretrain
     from megatron_flash.training import arguments
