@@ -68,10 +68,6 @@ class MixerInputs:
     rotary_pos_emb: Optional[torch.Tensor] = None
     # Document boundaries for packed sequences (cu_seqlens over the full sequence, meta tokens included)
     packed_seq_params: Optional[PackedSeqParams] = None
-    # The first ``shared_prefix`` positions hold the same values in every batch column (the meta tokens: every
-    # sequence starts with them, and causal layers see nothing after them). A position-wise mixer may compute them
-    # from column 0 alone; broadcasting that result is exact, since its gradient then sums over the columns.
-    shared_prefix: int = 0
 
 
 @dataclass

@@ -39,15 +39,6 @@ class FFNMixer(MLP):
                              and not config.activation_func_fp8_input_store)
 
     def forward(self, hidden_states: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
-        prefix = inputs.shared_prefix if inputs is not None else 0
-        if not prefix:
-            return self._ffn(hidden_states)
-        # the shared rows (the meta tokens) once, from column 0: the FFN is ~40% of a 1B step, and at micro-batch 16
-        # its 256 meta rows per sequence are 5.5% of that work repeated 15 times over
-        shared = self._ffn(hidden_states[:prefix, :1].contiguous())
-        return torch.cat([shared.expand(-1, hidden_states.shape[1], -1), self._ffn(hidden_states[prefix:])])
-
-    def _ffn(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.plain_swiglu:
             fc1_out, _ = self.linear_fc1(hidden_states)
             out, bias = self.linear_fc2(swiglu(fc1_out))

@@ -129,13 +129,8 @@ class NemotronFlashModel(LanguageModule):
             rope_len = packed.params.max_seqlen_q
         else:
             rope_len = self.num_meta_tokens + input_ids.shape[1]
-        # Every row's meta positions are the same (MixerInputs.shared_prefix); not used where the rows are one
-        # (packed documents) or where the sequence is split over TP ranks (only rank 0 holds them).
-        shared_prefix = (self.num_meta_tokens if packed is None and input_ids.shape[0] > 1
-                         and not self.config.sequence_parallel else 0)
         inputs = MixerInputs(attention_mask=attention_mask, rotary_pos_emb=self.rotary_pos_emb(rope_len),
-                             packed_seq_params=packed.params if packed is not None else None,
-                             shared_prefix=shared_prefix)
+                             packed_seq_params=packed.params if packed is not None else None)
         hidden = self._embed(input_ids, packed) if self.pre_process else None
         hidden = self.decoder(hidden, inputs)
         if not self.post_process:
