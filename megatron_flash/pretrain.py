@@ -62,7 +62,7 @@ def build_model_and_optimizer(args, vocab_size: int):
     if args.weight_norm:
         normalize_model_params([model], args.weight_norm_embeddings)
     ddp = DistributedDataParallel(spec.config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce, bucket_size=args.ddp_bucket_size,
         use_distributed_optimizer=args.use_distributed_optimizer), model)
     spec.config.finalize_model_grads_func = finalize_model_grads
     if args.overlap_grad_reduce:
@@ -166,7 +166,8 @@ def train(args, step_callback=None) -> dict:
     log(f"model: {arguments.model_name(args)} pattern {spec.config.layer_pattern} | "
         f"{sum(p.numel() for p in model.parameters()):,} parameters on rank {dist.get_rank()} | "
         f"TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size} "
-        f"DP {args.data_parallel_size} | weight norm {'on' if normalizer else 'off'}")
+        f"DP {args.data_parallel_size} | weight norm {'on' if normalizer else 'off'} | "
+        f"{len(ddp.bucket_groups)} gradient bucket(s)")
 
     iteration, consumed = 0, 0
     if args.load:
@@ -241,7 +242,7 @@ def train(args, step_callback=None) -> dict:
     progress.close()
     profiler.close()
     return {"iteration": iteration, "losses": losses, "valid_loss": valid_loss, "skipped": skipped_total,
-            "last_log": progress.last, "profile": profiler.table,
+            "last_log": progress.last, "profile": profiler.table, "gradient_buckets": len(ddp.bucket_groups),
             "flops_per_token": flops_per_iter * dist.get_world_size() / tokens_per_iter}
 
 

@@ -39,7 +39,7 @@ def _train(argv, check=False):
             "recompute": (config.recompute_granularity, config.recompute_logits) if config else None,
             "mamba_chunk_size": config.mamba_chunk_size if config else None,
             "short_conv_backend": config.short_conv_backend if config else None,
-            "flops_per_token": result["flops_per_token"]}
+            "flops_per_token": result["flops_per_token"], "gradient_buckets": result["gradient_buckets"]}
 
 
 def _run(extra, world=1, tp=1, pp=1, check=False, env=None):
@@ -158,10 +158,15 @@ def test_foreach_grad_norm_does_not_synchronize_on_gpu():
     (2, 1, 2, ["--pipeline-model-parallel-size", "2"]),
     (2, 1, 1, ["--use-distributed-optimizer"]),
     (4, 2, 2, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"]),
-], ids=["tp2", "pp2", "dp2-distopt", "tp2xpp2-sp"])
+    # buckets of ~2000 parameters: the tiny model's gradients are reduced in many buckets as backward fills them
+    (2, 1, 1, ["--overlap-grad-reduce", "--ddp-bucket-size", "2000"]),
+    (2, 1, 1, ["--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-bucket-size", "2000"]),
+], ids=["tp2", "pp2", "dp2-distopt", "tp2xpp2-sp", "dp2-overlap", "dp2-distopt-overlap"])
 def test_layouts_follow_the_same_loss_trajectory(reference, world, tp, pp, extra):
     results = _run(["--train-iters", "4"] + extra, world, tp, pp, check=True)
+    assert reference["gradient_buckets"] == 1
     for r in results:
+        assert (r["gradient_buckets"] > 5) == ("--ddp-bucket-size" in extra), r["gradient_buckets"]
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
         assert all(c["worst_norm_error"] < 1e-5 for c in r["checks"]), r["checks"]
 
@@ -291,6 +296,8 @@ def _parse(argv, world=1):
       "--profile-dir", "p"], "0 <= start < end <= --train-iters 5"),
     (["--mock-data", "--train-iters", "5", "--profile", "--profile-step-start", "1", "--profile-step-end", "2"],
      "--profile needs --profile-dir or --tensorboard-dir"),
+    (["--mock-data", "--train-iters", "5", "--ddp-bucket-size", "1000"], "needs --overlap-grad-reduce"),
+    (["--mock-data", "--train-iters", "5", "--overlap-grad-reduce", "--ddp-bucket-size", "0"], "positive size"),
 ])
 def test_bad_flags_are_clear_errors(argv, message):
     from megatron_flash.training import arguments

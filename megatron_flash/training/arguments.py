@@ -66,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce each bucket of gradients over data-parallel ranks as soon as backward fills it, "
+                        "overlapping the rest of backward")
+    g.add_argument("--ddp-bucket-size", type=int,
+                   help="parameters per gradient bucket with --overlap-grad-reduce (default: megatron's, "
+                        "max(40M, 1M x data-parallel size)); without it the gradients are one bucket")
 
     g = p.add_argument_group("batch and length")
     g.add_argument("--micro-batch-size", type=int, default=1)
@@ -204,6 +209,9 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
             raise ArgumentError(f"--preset-file {exc}") from None
     if args.sequence_parallel and tp == 1:
         raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.ddp_bucket_size is not None and (args.ddp_bucket_size < 1 or not args.overlap_grad_reduce):
+        raise ArgumentError(f"--ddp-bucket-size {args.ddp_bucket_size}: needs --overlap-grad-reduce (without it "
+                            f"the gradients are one bucket) and a positive size")
     if args.pattern is not None:
         try:
             patterns.parse(args.pattern)
