@@ -265,7 +265,7 @@ def test_dry_run_prints_each_node_command_with_the_recipe(tmp_path, no_srun):
     expected = {"--preset": "nemotron_flash_1b", "--tensor-model-parallel-size": "1", "--global-batch-size": "512",
                 "--micro-batch-size": "8", "--seq-length": "4096", "--lr": "1e-3", "--lr-decay-style": "cosine",
                 "--weight-decay": "0", "--bf16": True, "--use-distributed-optimizer": True,
-                "--train-tokens": "4500000000000", "--tokenizer-model": "/models/tok", "--log-interval": "5",
+                "--overlap-grad-reduce": True, "--train-tokens": "4500000000000", "--tokenizer-model": "/models/tok", "--log-interval": "5",
                 "--split": "99,1,0"}
     assert {k: _value(args, k) for k in expected} == expected
     ckpt = str(tmp_path / "nemotron_flash_1b" / "checkpoints")
