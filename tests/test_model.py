@@ -173,10 +173,11 @@ def test_stack_equals_its_definition(recompute):
                                    msg=lambda m, n=name: f"gradient of {n}: {m}")
 
 
-def _modules_owning_parameters_and_modules_called():
+def _modules_owning_parameters_and_modules_called(tied):
     from megatron_flash.models import builder
 
-    spec = builder.resolve("tiny", layer_pattern="DFMFAFSF", sliding_window=5, use_cpu_initialization=True)
+    spec = builder.resolve("tiny", layer_pattern="DFMFAFSF", sliding_window=5, use_cpu_initialization=True,
+                           tie_embeddings=tied)
     model = builder.build_model(spec, SEQ).train()
     owners = {name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
     called = set()
@@ -187,12 +188,14 @@ def _modules_owning_parameters_and_modules_called():
     return owners, called
 
 
-def test_every_parameter_is_read_inside_its_modules_call():
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_every_parameter_is_read_inside_its_modules_call(tied):
     """Each module that owns parameters is called (its forward pre-hooks run) in a training forward: what megatron's
     overlapped parameter all-gather relies on to wait for a bucket before its parameters are read. The residual
-    norms, which the stack applies through layers.norm.add_and_norm, included."""
-    owners, called = run_distributed(_modules_owning_parameters_and_modules_called, world_size=1)[0]
+    norms, which the stack applies through layers.norm.add_and_norm, and an untied output layer included."""
+    owners, called = run_distributed(_modules_owning_parameters_and_modules_called, world_size=1, args=(tied,))[0]
     assert any(name.endswith(".norm") for name in owners) and "decoder.final_norm" in owners
+    assert ("output_layer" in owners) == (not tied)
     assert owners <= called, f"modules whose parameters are read without calling them: {sorted(owners - called)}"
 
 

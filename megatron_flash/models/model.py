@@ -15,8 +15,7 @@ from megatron.core.enums import ModelType
 from megatron_flash.layers.base import MixerInputs
 from megatron_flash.models import packing
 from megatron_flash.models.stack import HybridStack
-from megatron_flash.ops.linear_cross_entropy import linear_cross_entropy
-from megatron_flash.ops.rms_norm import unit_rows
+from megatron_flash.models.output_layer import OutputLayer
 
 # Initialization streams of the non-layer parameters (layers use their index; see NemotronFlashConfig.init_rng).
 EMBEDDING_STREAM, OUTPUT_STREAM = 1_000_000, 1_000_001
@@ -77,9 +76,8 @@ class NemotronFlashModel(LanguageModule):
             # The output layer sees the full (gathered) sequence with meta positions dropped: no sequence parallel.
             out_config = dataclasses.replace(config, sequence_parallel=False)
             with config.init_rng(OUTPUT_STREAM):
-                self.output_layer = tensor_parallel.ColumnParallelLinear(
-                    config.hidden_size, self.padded_vocab_size, config=out_config, init_method=config.init_method,
-                    bias=False, skip_bias_add=False, gather_output=False,
+                self.output_layer = OutputLayer(
+                    out_config, config.hidden_size, self.padded_vocab_size, vocab_size,
                     skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights)
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
@@ -98,21 +96,6 @@ class NemotronFlashModel(LanguageModule):
         if self.config.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
         return hidden
-
-    def output_weight(self) -> torch.Tensor:
-        """The output layer's weight with unit-L2 vocabulary rows (what the logits use)."""
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights \
-            else self.output_layer.weight
-        return unit_rows(weight)
-
-    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
-        """Padding rows get -inf logits: the softmax (and so the loss) is exactly that of the real vocabulary."""
-        if self.padded_vocab_size == self.vocab_size:
-            return logits
-        per_rank = logits.shape[-1]
-        first = parallel_state.get_tensor_model_parallel_rank() * per_rank
-        is_padding = torch.arange(first, first + per_rank, device=logits.device) >= self.vocab_size
-        return logits.masked_fill(is_padding, float("-inf"))
 
     def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
@@ -140,19 +123,10 @@ class NemotronFlashModel(LanguageModule):
             # (identical) gradient instead of summing it, since the output layer already all-reduces.
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         hidden = packing.text_only(hidden, packed) if packed is not None else hidden[self.num_meta_tokens:]
+        # tied on one stage: the embedding's weight (a stage without the embedding keeps megatron's synced copy as
+        # the output layer's own)
+        tied_here = self.pre_process and self.share_embeddings_and_output_weights
+        weight = self.embedding.word_embeddings.weight if tied_here else None
         if labels is not None:
-            return self._loss(hidden, labels)
-        logits, _ = self.output_layer(hidden, weight=self.output_weight())
-        return self._mask_vocab_padding(logits).transpose(0, 1).contiguous()
-
-    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token loss [b, s]: output layer and vocab-parallel cross-entropy fused in chunks, so the
-        [tokens, vocabulary] logits never exist in full (ops/linear_cross_entropy.py)."""
-        seq, batch, width = hidden.shape
-        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)  # all-reduces its gradient over TP
-        weight = self.output_weight()
-        loss = linear_cross_entropy(
-            hidden.reshape(seq * batch, width), weight, labels.t().reshape(-1), self.vocab_size,
-            vocab_start=parallel_state.get_tensor_model_parallel_rank() * weight.shape[0],
-            group=parallel_state.get_tensor_model_parallel_group(), recompute_logits=self.config.recompute_logits)
-        return loss.view(seq, batch).t()
+            return self.output_layer(hidden, weight=weight, labels=labels)
+        return self.output_layer(hidden, weight=weight).transpose(0, 1).contiguous()
