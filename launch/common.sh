@@ -119,7 +119,8 @@ mf_recipe() {  # mf_recipe 1b|3b|longctx: the recipe's defaults, each kept when 
     : "${MF_PP:=1}" "${MF_SP:=auto}" "${MF_GLOBAL_BATCH:=512}" "${MF_SEQ_LENGTH:=4096}"
     : "${MF_TRAIN_TOKENS:=4500000000000}" "${MF_TRAIN_ITERS:=}"
     : "${MF_LR:=1e-3}" "${MF_MIN_LR:=1e-5}" "${MF_LR_DECAY_STYLE:=cosine}" "${MF_WARMUP_ITERS:=2000}"
-    : "${MF_WEIGHT_DECAY:=0}" "${MF_BF16:=1}" "${MF_DIST_OPT:=1}" "${MF_OVERLAP_GRAD_REDUCE:=1}" "${MF_RECOMPUTE:=0}"
+    : "${MF_WEIGHT_DECAY:=0}" "${MF_BF16:=1}" "${MF_DIST_OPT:=1}" "${MF_RECOMPUTE:=0}"
+    : "${MF_OVERLAP_GRAD_REDUCE:=1}" "${MF_OVERLAP_PARAM_GATHER:=0}"
     : "${MF_MIXTURE:=data_prep/mixtures/phase1_zyda2.yaml}" "${MF_DATA_ROOT:=}" "${MF_BLEND:=}"
     : "${MF_SPLIT:=99,1,0}" "${MF_TOKENIZER_TYPE:=HuggingFaceTokenizer}" "${MF_TOKENIZER_MODEL:=}"
     : "${MF_OUTPUT_ROOT:=$MF_REPO_DIR/runs}" "${MF_RUN_DIR:=$MF_OUTPUT_ROOT/$MF_RUN_NAME}"
@@ -163,6 +164,7 @@ mf_build_trainer_args() {  # mf_build_trainer_args USER_ARGS...: fills MF_ARGS (
     mf_true "$MF_BF16" && MF_ARGS+=(--bf16)
     mf_true "$MF_DIST_OPT" && MF_ARGS+=(--use-distributed-optimizer)
     mf_true "$MF_OVERLAP_GRAD_REDUCE" && MF_ARGS+=(--overlap-grad-reduce)
+    mf_true "$MF_OVERLAP_PARAM_GATHER" && MF_ARGS+=(--overlap-param-gather)
     mf_true "$MF_RECOMPUTE" && MF_ARGS+=(--recompute-activations)
 
     if [[ $MF_RECIPE_NAME == longctx ]]; then

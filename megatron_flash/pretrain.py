@@ -25,8 +25,9 @@ from megatron_flash.models import builder, specs
 from megatron_flash.models.packing import document_boundaries_from_eod
 from megatron_flash.ops import wgrad
 from megatron_flash.training import arguments, checkpointing
-from megatron_flash.training.loop_utils import (ExitSignal, ProgressLog, StepProfiler, global_batch_loss,
-                                                is_logging_rank, microbatches, peak_flops_per_second)
+from megatron_flash.training.loop_utils import (ExitSignal, ProgressLog, StepProfiler, gather_parameters,
+                                                global_batch_loss, is_logging_rank, microbatches,
+                                                peak_flops_per_second)
 from megatron_flash.training.optimizer_params import use_foreach_grad_norm, use_fused_torch_adam
 from megatron_flash.training.weight_norm import WeightNormalizer, normalize_model_params
 
@@ -63,6 +64,7 @@ def build_model_and_optimizer(args, vocab_size: int):
         normalize_model_params([model], args.weight_norm_embeddings)
     ddp = DistributedDataParallel(spec.config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce, bucket_size=args.ddp_bucket_size,
+        overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer), model)
     spec.config.finalize_model_grads_func = finalize_model_grads
     if args.overlap_grad_reduce:
@@ -193,6 +195,7 @@ def train(args, step_callback=None) -> dict:
 
     def save():
         if args.save:
+            gather_parameters(ddp)
             checkpointing.save_checkpoint(args.save, iteration, model, optimizer, scheduler, {
                 "args": vars(args), "consumed_samples": consumed}, keep_last=args.keep_last)
             log(f"saved checkpoint at iteration {iteration} to {args.save}")
@@ -221,6 +224,7 @@ def train(args, step_callback=None) -> dict:
         progress.step(iteration, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, skipped_total, extra)
         profiler.step(iteration)
         if step_callback is not None:
+            gather_parameters(ddp)
             step_callback(iteration, model, optimizer)
 
         if valid_data is not None and args.eval_iters and iteration % args.eval_interval == 0:
@@ -239,6 +243,7 @@ def train(args, step_callback=None) -> dict:
         if iteration % args.save_interval == 0 or iteration == args.train_iters:
             save()
             progress.restart_timer()
+    gather_parameters(ddp)  # the model handed back is whole
     progress.close()
     profiler.close()
     return {"iteration": iteration, "losses": losses, "valid_loss": valid_loss, "skipped": skipped_total,

@@ -267,7 +267,7 @@ def test_dry_run_prints_each_node_command_with_the_recipe(tmp_path, no_srun):
                 "--weight-decay": "0", "--bf16": True, "--use-distributed-optimizer": True,
                 "--overlap-grad-reduce": True, "--train-tokens": "4500000000000", "--tokenizer-model": "/models/tok", "--log-interval": "5",
                 "--split": "99,1,0"}
-    assert {k: _value(args, k) for k in expected} == expected
+    assert {k: _value(args, k) for k in expected} == expected and "--overlap-param-gather" not in args
     ckpt = str(tmp_path / "nemotron_flash_1b" / "checkpoints")
     assert _value(args, "--save") == ckpt and _value(args, "--load") == ckpt
     # phase 1 mixture (no held-out sources): --data-path from build_blend (planned with --estimate: no data yet)
@@ -281,13 +281,14 @@ def test_dry_run_prints_each_node_command_with_the_recipe(tmp_path, no_srun):
 def test_dry_run_3b_environment_overrides_and_container(tmp_path, no_srun):
     out = _dry_run("pretrain_3b.sh", {"FAKE_FAIL_BIN": no_srun, "MF_OUTPUT_ROOT": str(tmp_path), "MF_NODES": "2",
                                       "MF_TP": "2", "MF_CONTAINER_IMAGE": "nvcr.io#nvidia/pytorch:25.01-py3",
-                                      "NCCL_NVLS_ENABLE": "1"}, ["--mock-data"])
+                                      "NCCL_NVLS_ENABLE": "1", "MF_OVERLAP_PARAM_GATHER": "1"}, ["--mock-data"])
     assert "srun --nodes=2 --ntasks-per-node=8 --ntasks=16" in out
     assert "--container-image=nvcr.io#nvidia/pytorch:25.01-py3" in out and f"--container-workdir={REPO}" in out
     args = _trainer_args(out)
     assert _value(args, "--preset") == "nemotron_flash_3b" and _value(args, "--micro-batch-size") == "2"
     assert _value(args, "--tensor-model-parallel-size") == "2" and _value(args, "--sequence-parallel") is True
     assert _value(args, "--mock-data") is True and "--data-path" not in args
+    assert _value(args, "--overlap-param-gather") is True and _value(args, "--overlap-grad-reduce") is True
     assert "export NCCL_NVLS_ENABLE=1" in out  # the environment wins over the launcher's defaults
 
 

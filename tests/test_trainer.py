@@ -171,6 +171,56 @@ def test_layouts_follow_the_same_loss_trajectory(reference, world, tp, pp, extra
         assert all(c["worst_norm_error"] < 1e-5 for c in r["checks"]), r["checks"]
 
 
+def _train_with_deferred_param_gathers(argv):
+    """The run's losses, with every asynchronous parameter all-gather of megatron's buckets deferred until a forward
+    pre-hook waits for that bucket (or a forced sync): a parameter read before its bucket's wait then holds the
+    other ranks' pre-step values, as on a GPU where the gather has not landed yet (gloo's finish at once, which
+    would hide the read). No step callback: pretrain gathers every parameter before calling one."""
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup as BucketGroup
+
+    start, finish = BucketGroup.start_param_sync, BucketGroup.finish_param_sync
+    waits = []
+
+    def deferred_start(self, force_sync=False):
+        self.deferred = not force_sync
+        if force_sync:
+            return start(self, force_sync=True)
+        self.param_gather_dispatched = True  # dispatched as far as megatron knows; nothing moved yet
+
+    def gathering_finish(self, skip_next_bucket_dispatch=False):
+        if getattr(self, "deferred", False) or not self.param_gather_dispatched:
+            waits.append(1)
+            deferred_start(self, force_sync=True)
+        return finish(self, skip_next_bucket_dispatch)
+
+    BucketGroup.start_param_sync, BucketGroup.finish_param_sync = deferred_start, gathering_finish
+    try:
+        from megatron_flash import pretrain
+        from megatron_flash.training import arguments
+
+        result = pretrain.train(arguments.parse_args(argv, world_size=torch.distributed.get_world_size()))
+        return result["losses"], len(waits)
+    finally:
+        BucketGroup.start_param_sync, BucketGroup.finish_param_sync = start, finish
+
+
+@pytest.mark.parametrize("tied,pp", [(True, 1), (False, 1), (True, 2)], ids=["tied", "untied", "tied-pp2"])
+def test_overlapped_parameter_gather_trains_as_one_process(tied, pp):
+    """--overlap-param-gather at DP 2 (distributed optimizer, buckets of ~2000 parameters; one bucket on the second
+    pipeline stage, as megatron does): each bucket's updated parameters are gathered when the first module that
+    reads them is called; the losses are those of one process. Fails if a parameter is read outside its module's
+    call (e.g. the untied output weight, or the last stage's copy of the tied one, read by the loss)."""
+    extra = ["--train-iters", "4"] + ([] if tied else ["--untie-embeddings"])
+    reference_losses = _run(extra)[0]["losses"]
+    overlapped = extra + ["--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-bucket-size", "2000",
+                          "--overlap-param-gather", "--pipeline-model-parallel-size", str(pp)]
+    results = run_distributed(_train_with_deferred_param_gathers, world_size=2 * pp, pipeline_model_parallel_size=pp,
+                              args=(BASE + overlapped,))
+    for losses, waits in results:
+        assert waits >= 4 * (1 if pp > 1 else 5)  # each bucket waited for in every iteration's forward
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=0)
+
+
 def test_bf16_distributed_optimizer_keeps_model_params_equal_to_rounded_main_params():
     results = _run(["--train-iters", "3", "--bf16", "--use-distributed-optimizer"], world=2, check=True)
     for r in results:
@@ -297,6 +347,8 @@ def _parse(argv, world=1):
     (["--mock-data", "--train-iters", "5", "--profile", "--profile-step-start", "1", "--profile-step-end", "2"],
      "--profile needs --profile-dir or --tensorboard-dir"),
     (["--mock-data", "--train-iters", "5", "--ddp-bucket-size", "1000"], "needs --overlap-grad-reduce"),
+    (["--mock-data", "--train-iters", "5", "--overlap-param-gather", "--use-distributed-optimizer"],
+     "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"),
     (["--mock-data", "--train-iters", "5", "--overlap-grad-reduce", "--ddp-bucket-size", "0"], "positive size"),
 ])
 def test_bad_flags_are_clear_errors(argv, message):

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="reduce each bucket of gradients over data-parallel ranks as soon as backward fills it, "
                         "overlapping the rest of backward")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with the distributed optimizer: gather each bucket's updated parameters during the next "
+                        "forward, just before the first module that reads them (needs --use-distributed-optimizer "
+                        "and --overlap-grad-reduce)")
     g.add_argument("--ddp-bucket-size", type=int,
                    help="parameters per gradient bucket with --overlap-grad-reduce (default: megatron's, "
                         "max(40M, 1M x data-parallel size)); without it the gradients are one bucket")
@@ -209,6 +213,9 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
             raise ArgumentError(f"--preset-file {exc}") from None
     if args.sequence_parallel and tp == 1:
         raise ArgumentError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        raise ArgumentError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce "
+                            "(without the latter megatron puts all parameters in one bucket)")
     if args.ddp_bucket_size is not None and (args.ddp_bucket_size < 1 or not args.overlap_grad_reduce):
         raise ArgumentError(f"--ddp-bucket-size {args.ddp_bucket_size}: needs --overlap-grad-reduce (without it "
                             f"the gradients are one bucket) and a positive size")

@@ -75,6 +75,15 @@ def global_batch_loss(micro_batch_losses: list, exit_requested: bool) -> tuple[f
 
 # --- logging --------------------------------------------------------------------------------------------------
 
+def gather_parameters(ddp) -> None:
+    """Bring every parameter up to date on every rank now. With ``--overlap-param-gather`` the distributed
+    optimizer's step updates only each rank's shard, and each bucket's all-gather waits for the forward pre-hook
+    of the first module that reads it; whatever reads parameters outside a forward (a checkpoint, a callback, the
+    caller of training) needs them gathered first. Without the option the step has gathered them already."""
+    if ddp.use_forward_hook:
+        ddp.start_param_sync(force_sync=True)
+
+
 def is_logging_rank() -> bool:
     """The last rank is on the last pipeline stage, where losses are known."""
     return dist.get_rank() == dist.get_world_size() - 1
