@@ -182,9 +182,9 @@ def _train_with_deferred_param_gathers(argv):
     waits = []
 
     def deferred_start(self, force_sync=False):
-        self.deferred = not force_sync
-        if force_sync:
-            return start(self, force_sync=True)
+        self.deferred = self.ddp_config.overlap_param_gather and not force_sync  # else megatron's gather is synchronous
+        if not self.deferred:
+            return start(self, force_sync=force_sync)
         self.param_gather_dispatched = True  # dispatched as far as megatron knows; nothing moved yet
 
     def gathering_finish(self, skip_next_bucket_dispatch=False):
@@ -274,6 +274,36 @@ def test_distributed_optimizer_checkpoint_resumes_and_reshards(tmp_path):
     _run(["--train-iters", "5", "--save", ckpt, "--exit-interval", "2", "--tensor-model-parallel-size", "2",
           "--use-distributed-optimizer"], world=4, tp=2)
     resumed = _run(["--train-iters", "5", "--load", ckpt])[0]
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full[2:]), rtol=1e-5, atol=0)
+
+
+def _checkpoint_weights(root):
+    """The model weights a checkpoint holds (what the exporter reads), full tensors by global name."""
+    from megatron_flash.export import convert
+
+    info = convert.read_checkpoint(root)
+    return convert.load_megatron_tensors(info, convert.trained_vocab_size(info))[1]
+
+
+def test_checkpoint_saved_with_overlapped_parameter_gather_resumes(tmp_path):
+    """Saved at DP=2 with --overlap-param-gather right after a step, each rank's other shards not yet gathered by
+    a forward (deferred as in test_overlapped_parameter_gather_trains_as_one_process): the save gathers them first,
+    so the checkpoint's model weights are those saved without the option, and one process resumes with the losses
+    of never stopping."""
+    full = _run(["--train-iters", "5"])[0]["losses"]
+    saves = {}
+    for name, extra in (("plain", []), ("overlapped", ["--overlap-grad-reduce", "--ddp-bucket-size", "2000",
+                                                       "--overlap-param-gather"])):
+        saves[name] = str(tmp_path / name)
+        run_distributed(_train_with_deferred_param_gathers, world_size=2, args=(BASE + [
+            "--train-iters", "5", "--save", saves[name], "--exit-interval", "2", "--use-distributed-optimizer",
+            *extra],))
+    plain, overlapped = (run_distributed(_checkpoint_weights, world_size=1, args=(saves[n],))[0]
+                         for n in ("plain", "overlapped"))
+    assert plain.keys() == overlapped.keys()
+    for name, weight in plain.items():
+        torch.testing.assert_close(overlapped[name], weight, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    resumed = _run(["--train-iters", "5", "--load", saves["overlapped"]])[0]
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full[2:]), rtol=1e-5, atol=0)
 
 
