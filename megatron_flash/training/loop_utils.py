@@ -73,8 +73,6 @@ def global_batch_loss(micro_batch_losses: list, exit_requested: bool) -> tuple[f
     return loss, exits > 0
 
 
-# --- logging --------------------------------------------------------------------------------------------------
-
 def gather_parameters(ddp) -> None:
     """Bring every parameter up to date on every rank now. With ``--overlap-param-gather`` the distributed
     optimizer's step updates only each rank's shard, and each bucket's all-gather waits for the forward pre-hook
@@ -83,6 +81,8 @@ def gather_parameters(ddp) -> None:
     if ddp.use_forward_hook:
         ddp.start_param_sync(force_sync=True)
 
+
+# --- logging --------------------------------------------------------------------------------------------------
 
 def is_logging_rank() -> bool:
     """The last rank is on the last pipeline stage, where losses are known."""
