@@ -31,7 +31,6 @@ from megatron_flash.ops.packed import document_index
 # an H200 (benchmarks/gpu_short_conv.py --tiles; docs/performance.md)
 FWD_TILE = (64, 64)
 BWD_TILE = (64, 128)
-MAX_GRID_AXIS = 65535  # CUDA's limit on a launch grid's second and third axes
 
 
 @triton.jit
@@ -72,7 +71,7 @@ def _conv_pre_activation_kernel(x, w, b, starts, dy, out, T, C, stride_xb, strid
     """The pre-activation a of a tile of outputs, then into ``out``, laid out as a contiguous
     [C / SECTION, B, T, SECTION] (with SECTION = C: [B, T, C]): forward, act(a); with GRAD (backward),
     dy * silu'(a), the gradient at the pre-activation. A tile's channels may straddle two sections."""
-    pid_c, pid_b, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     c = pid_c * BC + tl.arange(0, BC)
     valid_t, valid_c = t < T, c < C
@@ -90,7 +89,7 @@ def _conv_pre_activation_kernel(x, w, b, starts, dy, out, T, C, stride_xb, strid
         result = a * tl.sigmoid(a)
     else:
         result = a
-    section_size = tl.num_programs(1).to(tl.int64) * T * SECTION  # the grid's second axis is the batch
+    section_size = tl.num_programs(2).to(tl.int64) * T * SECTION  # the grid's third axis is the batch
     section_start = (c // SECTION).to(tl.int64) * section_size
     row = pid_b.to(tl.int64) * T + t.to(tl.int64)
     ptrs = out + section_start[None, :] + row[:, None] * SECTION + (c % SECTION)[None, :]
@@ -105,7 +104,7 @@ def _conv_bwd_kernel(x, w, starts, g, dx, dw_part, db_part, T, C, n_t_tiles,
     """With g the gradient of the pre-activation: dx[t] = sum_j w[K-1-j] * g[t+j] and the partial sums
     dw[K-1-j] = sum_t g[t+j] * x[t] over this tile's t (each pair (t, t+j) counted by the tile holding t), over
     outputs t+j in t's document; bias partial sums from j = 0. Partials go to row ``pid_b * n_t_tiles + pid_t``."""
-    pid_c, pid_b, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     c = pid_c * BC + tl.arange(0, BC)
     valid_t, valid_c = t < T, c < C
@@ -131,17 +130,6 @@ def _conv_bwd_kernel(x, w, starts, g, dx, dw_part, db_part, T, C, n_t_tiles,
     tl.store(out, dx_acc.to(dx.dtype.element_ty), mask=valid_t[:, None] & valid_c[None, :])
 
 
-def _grid(batch: int, length: int, channels: int, bt: int, bc: int) -> tuple[int, int, int]:
-    """Programs ordered channel tile fastest, then batch, then token tile: consecutive programs read consecutive
-    pieces of a [T, B, C]-ordered input (the layers' [s, b] projections), so the programs running at one time read
-    a few contiguous stretches of memory, not one row per token scattered over the whole tensor."""
-    t_tiles = triton.cdiv(length, bt)
-    if t_tiles > MAX_GRID_AXIS or batch > MAX_GRID_AXIS:
-        raise ValueError(f"short conv: {batch} rows of {length} tokens exceed the launch grid (at most "
-                         f"{MAX_GRID_AXIS} rows and {MAX_GRID_AXIS * bt} tokens per row)")
-    return triton.cdiv(channels, bc), batch, t_tiles
-
-
 class ShortConvFunction(torch.autograd.Function):
     """y = act(causal depthwise conv of x [B, T, C]); x any strides. y is contiguous [B, T, C] for one section,
     else [B, T, S, C/S] stored section-major."""
@@ -157,7 +145,7 @@ class ShortConvFunction(torch.autograd.Function):
             y = torch.empty_strided((batch, length, sections, section), (length * section, section,
                                     batch * length * section, 1), dtype=x.dtype, device=x.device)
         bt, bc = FWD_TILE
-        grid = _grid(batch, length, channels, bt, bc)
+        grid = (triton.cdiv(length, bt), triton.cdiv(channels, bc), batch)
         _conv_pre_activation_kernel[grid](x, weight, bias, starts, None, y, length, channels, *x.stride(),
                                           0, 0, 0, K=weight.shape[1], BT=bt, BC=bc, HAS_BIAS=bias is not None,
                                           HAS_STARTS=starts is not None, SILU=silu, GRAD=False, SECTION=section)
@@ -173,7 +161,7 @@ class ShortConvFunction(torch.autograd.Function):
         k = weight.shape[1]
         bt, bc = BWD_TILE
         n_t_tiles = triton.cdiv(length, bt)
-        grid = _grid(batch, length, channels, bt, bc)
+        grid = (n_t_tiles, triton.cdiv(channels, bc), batch)
         meta = dict(K=k, BT=bt, BC=bc, HAS_BIAS=bias is not None, HAS_STARTS=starts is not None)
         g = dy
         if ctx.silu:  # the gradient of the pre-activation, from its recomputation
