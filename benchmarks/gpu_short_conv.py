@@ -4,12 +4,15 @@ projection, transposed to [B, T, C] (the ``triton`` backend reads them in place;
 the transpose of a [s, b, 2N] projection. Every backend's output and gradients are compared with the
 ``torch`` backend's on the same inputs.
 
-    python benchmarks/gpu_short_conv.py [--backends triton,fla,torch] [--tiles 64x128:64x64,...] [--out DIR] [--smoke]
+    python benchmarks/gpu_short_conv.py [--backends triton,fla,torch] [--tiles 64x128:64x64x8,...] [--batch B]
+        [--out DIR] [--smoke]
 
-``--tiles``: the triton backend again with other (tokens x channels) tiles per program, forward:backward.
+``--tiles``: the triton backend again with other tiles per program, forward:backward, each tokens x channels
+[x warps] (warps default to the kernels' own, ``short_conv_triton.FWD_TILE`` / ``BWD_TILE``).
 
-Shapes: micro-batch 4 x (4096 + 256 meta tokens), bf16; ``--smoke``: tiny sizes on the CPU (the ``torch`` backend
-only), to check the script. Results: DIR/short_conv.json (DIR defaults to $OUT, else the current folder).
+Shapes: micro-batch 4 (``--batch``) x (4096 + 256 meta tokens), bf16; ``--smoke``: tiny sizes on the CPU (the
+``torch`` backend only), to check the script. Results: DIR/short_conv.json (DIR defaults to $OUT, else the current
+folder).
 """
 
 from __future__ import annotations
@@ -52,18 +55,40 @@ def run_case(backend, projection, weight, bias, dy, first):
     return [y.detach(), p.grad, w.grad, b.grad]
 
 
+def parse_tiles(spec: str) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """``"64x128:64x64x8,..."`` -> [((64, 128, fwd warps), (64, 64, 8)), ...]: (tokens, channels, warps) forward
+    and backward; a tile without warps keeps the kernels' default for that direction."""
+    defaults = short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE
+    runs = []
+    for run in filter(None, spec.split(",")):
+        parts = run.split(":")
+        if len(parts) != 2:
+            raise ValueError(f"--tiles {run!r}: expected forward:backward, e.g. 64x128:64x64x8")
+        pair = []
+        for part, default in zip(parts, defaults):
+            numbers = [int(n) for n in part.split("x")]
+            if len(numbers) not in (2, 3):
+                raise ValueError(f"--tiles {run!r}: {part!r} is not tokens x channels [x warps]")
+            pair.append(tuple(numbers) if len(numbers) == 3 else (*numbers, default[2]))
+        runs.append(tuple(pair))
+    return runs
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default=None, help="comma-separated (default: triton,fla,torch on a GPU)")
-    parser.add_argument("--tiles", default="", help="e.g. 32x128:32x64,64x64:64x128 (forward:backward)")
+    parser.add_argument("--tiles", default="", help="e.g. 32x128:32x64,64x64x8:64x128x8 (forward:backward, tokens x "
+                                                    "channels [x warps])")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--batch", type=int, default=None, help=f"micro-batch (default {FULL['batch']})")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
-    cfg = SMOKE if args.smoke else FULL
+    cfg = dict(SMOKE if args.smoke else FULL)
+    if args.batch is not None:
+        cfg["batch"] = args.batch
     device = "cpu" if args.smoke else "cuda"
     backends = (args.backends or ("torch" if args.smoke else "triton,fla,torch")).split(",")
-    tiles = [tuple(tuple(int(n) for n in part.split("x")) for part in spec.split(":"))
-             for spec in args.tiles.split(",") if spec]
+    tiles = parse_tiles(args.tiles)
     runs = [(backend, None) for backend in backends] + [("triton", tile) for tile in tiles]
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                "batch": cfg["batch"], "seq": cfg["seq"], "dtype": "bfloat16", "cases": {}}

@@ -27,10 +27,10 @@ import triton.language as tl
 
 from megatron_flash.ops.packed import document_index
 
-# (tokens, channels) per program: of five pairs, the fastest on DeltaNet's q/k/v and Mamba2's x at the 1B shapes on
-# an H200 (benchmarks/gpu_short_conv.py --tiles; docs/performance.md)
-FWD_TILE = (64, 64)
-BWD_TILE = (64, 128)
+# (tokens, channels, warps) per program: of five tiles, the fastest on DeltaNet's q/k/v and Mamba2's x at the 1B
+# shapes on an H200, at Triton's default of 4 warps (benchmarks/gpu_short_conv.py --tiles; docs/performance.md)
+FWD_TILE = (64, 64, 4)
+BWD_TILE = (64, 128, 4)
 
 
 @triton.jit
@@ -144,11 +144,12 @@ class ShortConvFunction(torch.autograd.Function):
             # inside a custom Function could not be modified in place
             y = torch.empty_strided((batch, length, sections, section), (length * section, section,
                                     batch * length * section, 1), dtype=x.dtype, device=x.device)
-        bt, bc = FWD_TILE
+        bt, bc, warps = FWD_TILE
         grid = (triton.cdiv(length, bt), triton.cdiv(channels, bc), batch)
         _conv_pre_activation_kernel[grid](x, weight, bias, starts, None, y, length, channels, *x.stride(),
                                           0, 0, 0, K=weight.shape[1], BT=bt, BC=bc, HAS_BIAS=bias is not None,
-                                          HAS_STARTS=starts is not None, SILU=silu, GRAD=False, SECTION=section)
+                                          HAS_STARTS=starts is not None, SILU=silu, GRAD=False, SECTION=section,
+                                          num_warps=warps)
         ctx.save_for_backward(x, weight, bias, starts)
         ctx.silu = silu
         return y
@@ -159,10 +160,10 @@ class ShortConvFunction(torch.autograd.Function):
         batch, length, channels = x.shape
         dy = dy.reshape(batch, length, channels)  # [B, T, S, C/S] with sections: a view when its layout allows
         k = weight.shape[1]
-        bt, bc = BWD_TILE
+        bt, bc, warps = BWD_TILE
         n_t_tiles = triton.cdiv(length, bt)
         grid = (n_t_tiles, triton.cdiv(channels, bc), batch)
-        meta = dict(K=k, BT=bt, BC=bc, HAS_BIAS=bias is not None, HAS_STARTS=starts is not None)
+        meta = dict(K=k, BT=bt, BC=bc, HAS_BIAS=bias is not None, HAS_STARTS=starts is not None, num_warps=warps)
         g = dy
         if ctx.silu:  # the gradient of the pre-activation, from its recomputation
             g = torch.empty(batch, length, channels, dtype=dy.dtype, device=dy.device)
