@@ -279,7 +279,9 @@ def main():
         raise SystemExit("no GPU here: use --smoke to check the script on CPU")
     result = CheckReport("mamba2_gpu.json")
     result.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  torch=torch.__version__, config=cfg)
+                  torch=torch.__version__, config=cfg,
+                  # the timing rows' chunk sizes (the config's chunk is the accuracy check's and the default)
+                  timed_chunk_sizes=args.chunk_sizes or [cfg["layer"]["chunk"]])
     try:
         import triton
         result["triton"] = triton.__version__

@@ -1,7 +1,7 @@
 """One-GPU benchmark suite: runtime on NCCL, per-layer cost at 1B shapes, 1B training throughput and baselines.
 
-    python benchmarks/gpu_suite.py [--sections runtime,layers,train_1b_mbs4,profile_1b_mbs4,gpt_mbs2,fla_mbs4] [--out DIR] [--smoke]
-        [--accumulate N]
+    python benchmarks/gpu_suite.py [--sections runtime,layers,train_1b_mbs4,profile_1b_mbs4,gpt_mbs2,fla_mbs4]
+        [--out DIR] [--smoke] [--accumulate N]
 
 Each section writes its results to DIR/gpu_suite.json as soon as it finishes (a later failure or a time limit
 loses nothing), and a table is printed at the end. ``--smoke`` runs every section at toy sizes on the CPU, to

@@ -21,6 +21,7 @@ def test_smoke_run_reports_accuracy_and_timing(tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "mamba2_gpu.json").read_text())
+    assert report["timed_chunk_sizes"] == [16]  # the smoke layer's chunk, which every timing row ran at
     rows = {(r["backend"], r["inputs"]): r for r in report["accuracy"]}
     assert max(rows[("torch", "fp32")][e] for e in ERRORS) < 1e-5
     for key in (("torch", "bf16"), ("torch_compile", "bf16"), ("torch_compile", "bf16, 3 packed documents")):
