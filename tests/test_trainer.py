@@ -1,6 +1,7 @@
 """The pretraining loop over gloo: layouts agree, weight normalization holds, checkpoints resume and reshard."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -56,6 +57,30 @@ def reference():
 def test_loss_goes_down_on_mock_data():
     losses = _run(["--train-iters", "30", "--lr", "1e-2"])[0]["losses"]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+
+
+def _progress_output(log_interval):
+    import contextlib
+    import io
+
+    from megatron_flash.training.loop_utils import ProgressLog
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        progress = ProgressLog(None, log_interval, tokens_per_iter=8, flops_per_iter=1.0, peak_flops=0.0)
+        for iteration in (7, 8, 9, 10):  # a run resumed at iteration 6
+            progress.step(iteration, 1.0, 1e-3, None, 0, {})
+    return out.getvalue().splitlines()
+
+
+def test_the_first_iteration_is_reported_before_the_first_log_line():
+    lines = run_distributed(_progress_output, world_size=1, args=(10,))[0]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r"first iteration of this run \(7\) took \d+\.\d s, kernel compilation included", lines[0])
+    assert lines[1].startswith("iteration      10 | loss 1.0000")
+    # a line per iteration anyway: nothing more
+    assert [line.split(" |")[0] for line in run_distributed(_progress_output, world_size=1, args=(1,))[0]] == [
+        f"iteration {i:>7d}" for i in (7, 8, 9, 10)]
 
 
 def test_weight_norm_holds_in_one_process(reference):

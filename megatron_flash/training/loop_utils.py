@@ -112,6 +112,7 @@ class ProgressLog:
         self._t0, self._iters, self._losses = time.perf_counter(), 0, []
         self._device_scalars = []  # (name, 0-dim device tensor, iteration), written at the next console line
         self.last = {}  # the figures of the last console line (benchmarks read them)
+        self._first = True  # the run's first iteration gets a line of its own (below)
 
     def restart_timer(self) -> None:
         """Leave evaluation and checkpoint time out of the throughput figures."""
@@ -142,6 +143,12 @@ class ProgressLog:
             self.scalar(f"train/{name}", value, iteration)
         if grad_norm is not None:
             self.scalar("train/grad-norm", grad_norm, iteration)
+        if self._first and iteration % self.log_interval and is_logging_rank():
+            # otherwise nothing shows for the first log interval, whose first iteration alone compiles and autotunes
+            # the GPU kernels (minutes on a fresh machine)
+            print(f"first iteration of this run ({iteration}) took {time.perf_counter() - self._t0:.1f} s, "
+                  f"kernel compilation included", flush=True)
+        self._first = False
         if iteration % self.log_interval:
             return
         self._write_device_scalars()
