@@ -28,6 +28,9 @@ class NemotronFlashConfig(TransformerConfig):
     # layers per pipeline stage; set from '|' in layer_pattern, else an even split
     pipeline_stage_layers: Optional[list] = None
     num_meta_tokens: int = 256
+    # the FFN computes the meta tokens' rows once per micro-batch (layers/shared_prefix.py): exact, since every
+    # sequence starts with them; off for A/B measurements
+    share_meta_rows: bool = True
     sliding_window: Optional[int] = None  # for 'S' layers
 
     # DeltaNet (fla's DeltaNet defaults): heads = num_attention_heads

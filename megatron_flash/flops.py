@@ -13,16 +13,24 @@ per operation so that docs/performance.md can cite it:
 * Mamba2 SSD, chunked (chunk C): per head 4 * P * N (state update and output read) + 2 * C * (N + P) (intra-chunk);
 * depthwise convolutions: 2 * kernel per channel; norms, activations and softmax are not counted (as in the
   usual 6N accounting they are < 1%).
+
+The meta positions count for every sequence, except in the FFN when it computes them once per micro-batch
+(layers/shared_prefix.py): there they count once per ``micro_batch`` sequences.
 """
 
 from __future__ import annotations
 
+from megatron_flash.layers.shared_prefix import shares_meta_rows
+
 CHUNK = 64
 
 
-def forward_flops_per_token(config, vocab_size: int, seq_length: int) -> float:
-    """Forward FLOPs per (text) token at sequence length ``seq_length`` (meta tokens add their share)."""
-    return layer_flops_per_token(config, seq_length) + output_flops_per_token(config, vocab_size)
+def forward_flops_per_token(config, vocab_size: int, seq_length: int, micro_batch: int = 1,
+                            packed: bool = False) -> float:
+    """Forward FLOPs per (text) token at sequence length ``seq_length`` (meta tokens add their share) in training
+    micro-batches of ``micro_batch`` rows (packed: one row of documents)."""
+    return (layer_flops_per_token(config, seq_length, micro_batch, packed)
+            + output_flops_per_token(config, vocab_size))
 
 
 def output_flops_per_token(config, vocab_size: int) -> float:
@@ -30,14 +38,16 @@ def output_flops_per_token(config, vocab_size: int) -> float:
     return 2 * config.hidden_size * vocab_size
 
 
-def layer_flops_per_token(config, seq_length: int) -> float:
+def layer_flops_per_token(config, seq_length: int, micro_batch: int = 1, packed: bool = False) -> float:
     """The decoder layers', per text token (meta positions are computed too, but only text tokens are counted)."""
     h = config.hidden_size
     total_len = seq_length + config.num_meta_tokens
-    flops = 0.0
+    ffn_len = (seq_length + config.num_meta_tokens / micro_batch
+               if shares_meta_rows(config, micro_batch, packed, training=True) else total_len)
+    flops = ffn_flops = 0.0
     for char in config.layer_pattern:
         if char == "F":
-            flops += 2 * 3 * h * config.ffn_hidden_size
+            ffn_flops += 2 * 3 * h * config.ffn_hidden_size
         elif char in "AS":
             hd, nq, nkv = config.kv_channels, config.num_attention_heads, config.num_query_groups
             flops += 2 * h * hd * (nq + 2 * nkv) + 2 * nq * hd * h
@@ -57,13 +67,13 @@ def layer_flops_per_token(config, seq_length: int) -> float:
             flops += 2 * h * (2 * inner + heads + 2 * groups * n) + 2 * inner * h
             flops += 2 * config.mamba_conv_kernel * (inner + 2 * groups * n)
             flops += heads * (4 * p * n + 2 * config.mamba_chunk_size * (n + p))
-    return flops * total_len / seq_length
+    return (flops * total_len + ffn_flops * ffn_len) / seq_length
 
 
 def train_flops_per_token(config, vocab_size: int, seq_length: int, recompute_layers: bool = False,
-                          recompute_logits: bool = False) -> float:
+                          recompute_logits: bool = False, micro_batch: int = 1, packed: bool = False) -> float:
     """Forward, two backward passes, and the recomputed forwards: layer recompute reruns the decoder layers only
     (megatron's checkpointing wraps the layers, not the output layer)."""
-    return (3.0 * forward_flops_per_token(config, vocab_size, seq_length)
-            + (layer_flops_per_token(config, seq_length) if recompute_layers else 0.0)
+    return (3.0 * forward_flops_per_token(config, vocab_size, seq_length, micro_batch, packed)
+            + (layer_flops_per_token(config, seq_length, micro_batch, packed) if recompute_layers else 0.0)
             + (output_flops_per_token(config, vocab_size) if recompute_logits else 0.0))

@@ -53,6 +53,7 @@ def build_model_and_optimizer(args, vocab_size: int):
         recompute_method="uniform" if args.recompute_activations else None,
         recompute_num_layers=1 if args.recompute_activations else None,
         recompute_logits=args.recompute_logits, gradient_accumulation_fusion=args.gradient_accumulation_fusion,
+        share_meta_rows=args.share_meta_rows,
     )
     use_te = args.transformer_impl == "transformer_engine"
     if use_te and not specs.te_available():
@@ -184,7 +185,7 @@ def train(args, step_callback=None) -> dict:
     tokens_per_iter = args.global_batch_size * args.seq_length
     flops_per_iter = tokens_per_iter * flops.train_flops_per_token(
         spec.config, model.padded_vocab_size, args.seq_length, args.recompute_activations,
-        args.recompute_logits) / dist.get_world_size()
+        args.recompute_logits, args.micro_batch_size, packed=args.reset_attention_mask) / dist.get_world_size()
     progress = ProgressLog(args.tensorboard_dir, args.log_interval, tokens_per_iter, flops_per_iter,
                            peak_flops_per_second())
     exit_signal = ExitSignal()

@@ -11,14 +11,14 @@ from megatron_flash.testing import run_distributed
 SEQ, BATCH = 12, 2
 
 
-def _counted_and_formula(recompute_layers, recompute_logits):
+def _counted_and_formula(recompute_layers, recompute_logits, share_meta_rows=True):
     from torch.utils.flop_counter import FlopCounterMode
 
     from megatron_flash import flops
     from megatron_flash.models import builder
 
     spec = builder.resolve("tiny", layer_pattern="FF", use_cpu_initialization=True, vocab_size=256,
-                           recompute_logits=recompute_logits,
+                           recompute_logits=recompute_logits, share_meta_rows=share_meta_rows,
                            **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
                               if recompute_layers else {}))
     model = builder.build_model(spec, SEQ)
@@ -26,7 +26,7 @@ def _counted_and_formula(recompute_layers, recompute_logits):
     with FlopCounterMode(display=False) as counter:
         model(tokens[:, :-1], labels=tokens[:, 1:]).float().mean().backward()
     per_token = flops.train_flops_per_token(spec.config, model.padded_vocab_size, SEQ, recompute_layers,
-                                            recompute_logits)
+                                            recompute_logits, micro_batch=BATCH)
     assert spec.config.num_meta_tokens > 0  # the layers' share of the meta positions is part of the count
     return counter.get_total_flops(), per_token * BATCH * SEQ
 
@@ -37,3 +37,11 @@ def test_train_flops_equal_the_counted_matmuls(recompute_layers, recompute_logit
     counted, formula = run_distributed(_counted_and_formula, world_size=1, args=(recompute_layers,
                                                                                   recompute_logits))[0]
     assert counted == pytest.approx(formula, rel=1e-9)
+
+
+def test_train_flops_count_the_meta_rows_once_per_micro_batch_where_the_ffn_shares_them():
+    """Sharing (the default) leaves the FFN fewer FLOPs; the formula follows it either way."""
+    shared, shared_formula = run_distributed(_counted_and_formula, world_size=1, args=(False, False, True))[0]
+    every, every_formula = run_distributed(_counted_and_formula, world_size=1, args=(False, False, False))[0]
+    assert shared < every
+    assert (shared, every) == (pytest.approx(shared_formula, rel=1e-9), pytest.approx(every_formula, rel=1e-9))

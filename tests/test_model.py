@@ -199,6 +199,47 @@ def test_every_parameter_is_read_inside_its_modules_call(tied):
     assert owners <= called, f"modules whose parameters are read without calling them: {sorted(owners - called)}"
 
 
+# --- the meta tokens' rows computed once per micro-batch ------------------------------------------------------
+
+def _batch_and_its_rows_alone(share):
+    """Per-token losses and the parameter gradients of their sum for a batch of 3 rows, then the same summed over
+    the rows run one at a time (nothing shared); and the shared prefix the FFN mixers were given in each."""
+    from megatron_flash.layers.ffn import FFNMixer
+    from megatron_flash.models import builder
+
+    spec = builder.resolve("tiny", layer_pattern="DFMFAF", use_cpu_initialization=True, share_meta_rows=share)
+    model = builder.build_model(spec, SEQ).train()
+    tokens = torch.randint(0, spec.vocab_size, (3, SEQ + 1), generator=torch.Generator().manual_seed(8))
+    prefixes = []
+    for module in model.modules():
+        if isinstance(module, FFNMixer):
+            module.register_forward_pre_hook(lambda m, args: prefixes.append(args[1].shared_prefix))
+
+    def losses_and_grads(rows):
+        model.zero_grad(set_to_none=True)
+        losses = torch.cat([model(tokens[r, :-1], labels=tokens[r, 1:]) for r in rows])
+        losses.float().sum().backward()
+        return losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    batched = losses_and_grads([slice(0, 3)])
+    batched_prefixes, prefixes[:] = list(prefixes), []
+    alone = losses_and_grads([slice(r, r + 1) for r in range(3)])
+    return batched, alone, batched_prefixes, prefixes, spec.config.num_meta_tokens
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_meta_rows_computed_once_per_batch_equal_each_row_alone(share):
+    (losses, grads), (ref_losses, ref_grads), shared, alone, meta = run_distributed(
+        _batch_and_its_rows_alone, world_size=1, args=(share,))[0]
+    # the batch shared its meta rows (unless told not to); a row alone had nothing to share
+    assert set(shared) == ({meta} if share else {0}) and set(alone) == {0}
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():  # fp32 sums in another order: absolute error scales with the largest entry
+        torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()),
+                                   msg=lambda m, n=name: f"gradient of {n}: {m}")
+
+
 # --- packed documents -------------------------------------------------------------------------------------------
 
 def _packed_vs_separate():

@@ -40,6 +40,7 @@ def _train(argv, check=False):
             "recompute": (config.recompute_granularity, config.recompute_logits) if config else None,
             "mamba_chunk_size": config.mamba_chunk_size if config else None,
             "short_conv_backend": config.short_conv_backend if config else None,
+            "share_meta_rows": config.share_meta_rows if config else None,
             "flops_per_token": result["flops_per_token"], "gradient_buckets": result["gradient_buckets"]}
 
 
@@ -509,6 +510,14 @@ def test_short_conv_backend_reaches_the_layers(reference):
     run = _run(["--train-iters", "4", "--short-conv-backend", "torch"])[0]
     assert reference["short_conv_backend"] == "auto" and run["short_conv_backend"] == "torch"
     assert run["losses"] == reference["losses"]
+
+
+def test_sharing_the_meta_rows_changes_no_loss(reference):
+    """By default the FFN computes the meta rows once per micro-batch of 2 (layers/shared_prefix.py);
+    --no-share-meta-rows reaches the config and computes them per sequence: the same losses."""
+    run = _run(["--train-iters", "4", "--no-share-meta-rows"])[0]
+    assert reference["share_meta_rows"] is True and run["share_meta_rows"] is False
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
 
 
 def _train_counting_fused_wgrads(argv):

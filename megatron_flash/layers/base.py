@@ -68,6 +68,9 @@ class MixerInputs:
     rotary_pos_emb: Optional[torch.Tensor] = None
     # Document boundaries for packed sequences (cu_seqlens over the full sequence, meta tokens included)
     packed_seq_params: Optional[PackedSeqParams] = None
+    # The first ``shared_prefix`` positions hold the same values in every column of the batch (the meta tokens);
+    # position-wise mixers may compute them once (layers/shared_prefix.py). 0: nothing shared.
+    shared_prefix: int = 0
 
 
 @dataclass

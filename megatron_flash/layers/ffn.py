@@ -7,6 +7,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.mlp import MLP
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, mark_weight_norm
+from megatron_flash.layers.shared_prefix import apply_once_to_shared_prefix
 from megatron_flash.models.layout import initialize_as_full, stack_sections
 from megatron_flash.ops.swiglu import swiglu
 
@@ -39,6 +40,11 @@ class FFNMixer(MLP):
                              and not config.activation_func_fp8_input_store)
 
     def forward(self, hidden_states: torch.Tensor, inputs: MixerInputs) -> torch.Tensor:
+        # the meta tokens' rows once per micro-batch: at micro-batch 16, 5.5% of the FFN's work (~40% of a 1B step)
+        # is those rows repeated in every sequence
+        return apply_once_to_shared_prefix(self._ffn, hidden_states, inputs.shared_prefix if inputs else 0)
+
+    def _ffn(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.plain_swiglu:
             fc1_out, _ = self.linear_fc1(hidden_states)
             out, bias = self.linear_fc2(swiglu(fc1_out))

@@ -13,6 +13,7 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.enums import ModelType
 
 from megatron_flash.layers.base import MixerInputs
+from megatron_flash.layers.shared_prefix import shares_meta_rows
 from megatron_flash.models import packing
 from megatron_flash.models.stack import HybridStack
 from megatron_flash.models.output_layer import OutputLayer
@@ -113,7 +114,9 @@ class NemotronFlashModel(LanguageModule):
         else:
             rope_len = self.num_meta_tokens + input_ids.shape[1]
         inputs = MixerInputs(attention_mask=attention_mask, rotary_pos_emb=self.rotary_pos_emb(rope_len),
-                             packed_seq_params=packed.params if packed is not None else None)
+                             packed_seq_params=packed.params if packed is not None else None,
+                             shared_prefix=self.num_meta_tokens if shares_meta_rows(
+                                 self.config, input_ids.shape[0], packed is not None, self.training) else 0)
         hidden = self._embed(input_ids, packed) if self.pre_process else None
         hidden = self.decoder(hidden, inputs)
         if not self.post_process:

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute the output layer's logits in backward instead of keeping softmax - onehot (2 "
                         "bytes per token and vocabulary row: 7.3 GiB at 29696 tokens of a 131072 vocabulary); one "
                         "more output-layer matmul")
+    g.add_argument("--no-share-meta-rows", dest="share_meta_rows", action="store_false",
+                   help="the FFN computes the meta tokens' rows for every sequence, instead of once per micro-batch "
+                        "(they are the same in every sequence: layers/shared_prefix.py); the result is the same")
     g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false",
                    help="weight gradients as bf16 tensors that megatron's DDP then adds into the fp32 main gradients, "
                         "instead of accumulated into them by the weight-gradient matmul itself (ops/wgrad.py)")

@@ -1,0 +1,79 @@
+"""Position-wise work on the rows that every sequence of a micro-batch shares, done once.
+
+Every sequence starts with the same meta tokens and every mixer is causal (and dropout-free), so the first ``m``
+positions of a [s, b, h] micro-batch hold the same values in every column at every layer. A position-wise mixer
+(the FFN) may compute them from column 0 alone and broadcast the result. That is exact: the broadcast's backward
+sums the columns' gradients into column 0, which is what the columns' separate, identical paths would have summed
+upstream (at the meta-token parameter).
+
+:func:`apply_once_to_shared_prefix` splits and joins with two autograd Functions that each copy the other rows
+once (the join in forward, the split in backward). Plain slicing and ``torch.cat`` cost about what the shared rows
+save: a slice's backward zero-fills a full-size gradient (two slices: two of them, then an add), and a ``cat``
+with the broadcast (stride-0) piece runs PyTorch's element-by-element kernel (session 16 measured that version at
+-0.2..+0.1%; docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class _SplitSharedPrefix(torch.autograd.Function):
+    """x [s, b, h] -> (x[:m, :1], x[m:]), views; backward writes one gradient for x, zero at the other columns'
+    shared rows (their use went through column 0)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, m: int):
+        ctx.m, ctx.shape = m, x.shape
+        return x[:m, :1], x[m:]
+
+    @staticmethod
+    def backward(ctx, grad_shared, grad_rest):  # unused outputs arrive as zeros (materialized gradients)
+        m = ctx.m
+        grad = grad_rest.new_empty(ctx.shape)
+        grad[:m].zero_()
+        grad[:m, :1] = grad_shared
+        grad[m:] = grad_rest
+        return grad, None
+
+
+class _JoinSharedPrefix(torch.autograd.Function):
+    """(shared [m, 1, h], rest [s - m, b, h]) -> [s, b, h] with the shared rows in every column; backward sums the
+    columns' gradients of the shared rows and hands the rest's gradient on as a view."""
+
+    @staticmethod
+    def forward(ctx, shared: torch.Tensor, rest: torch.Tensor):
+        m = shared.shape[0]
+        ctx.m = m
+        out = rest.new_empty(m + rest.shape[0], *rest.shape[1:])
+        out[:m] = shared
+        out[m:] = rest
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        m = ctx.m
+        return grad[:m].sum(1, keepdim=True), grad[m:]
+
+
+def shares_meta_rows(config, batch: int, packed: bool, training: bool) -> bool:
+    """Whether the FFN computes the meta tokens' rows once for a micro-batch of ``batch`` rows. Not where there is
+    nothing to share (one row; packed documents, which are one row), where the rows differ (dropout in training),
+    or where a TP rank holds a slice of the sequence (sequence parallelism: the meta rows are on the first rank)."""
+    return (config.share_meta_rows and config.num_meta_tokens > 0 and batch > 1 and not packed
+            and not config.sequence_parallel
+            and not (training and (config.hidden_dropout or config.attention_dropout)))
+
+
+def apply_once_to_shared_prefix(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                                prefix: int) -> torch.Tensor:
+    """``fn(x)`` for a position-wise ``fn`` whose input's first ``prefix`` rows are the same in every column:
+    those rows go through ``fn`` once, from column 0. ``prefix`` 0 (or one column) is plain ``fn(x)``."""
+    if not prefix or x.shape[1] == 1:
+        return fn(x)
+    if prefix >= x.shape[0]:
+        raise ValueError(f"shared prefix {prefix} must be shorter than the sequence ({x.shape[0]})")
+    shared, rest = _SplitSharedPrefix.apply(x, prefix)
+    return _JoinSharedPrefix.apply(fn(shared), fn(rest))

@@ -1,0 +1,45 @@
+"""layers/shared_prefix.py: a position-wise function applied once to the rows every column shares equals applying
+it to every column, values and gradients (of the inputs upstream of the broadcast and of the function's weights)."""
+
+import pytest
+import torch
+
+from megatron_flash.layers.shared_prefix import apply_once_to_shared_prefix
+
+
+def _values_and_grads(shared, m=3, rest_len=4, batch=5, hidden=6):
+    gen = torch.Generator().manual_seed(0)
+    meta = torch.randn(m, 1, hidden, generator=gen, dtype=torch.float64, requires_grad=True)
+    rest = torch.randn(rest_len, batch, hidden, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2 * hidden, hidden, generator=gen, dtype=torch.float64, requires_grad=True)
+    cotangent = torch.randn(m + rest_len, batch, 2 * hidden, generator=gen, dtype=torch.float64)
+
+    def position_wise(x):
+        return torch.nn.functional.silu(x @ weight.t())
+
+    x = torch.cat([meta.expand(-1, batch, -1), rest])  # every column starts with the same rows
+    y = apply_once_to_shared_prefix(position_wise, x, m) if shared else position_wise(x)
+    y.backward(cotangent)
+    return y.detach(), meta.grad, rest.grad, weight.grad
+
+
+def test_shared_rows_once_equal_every_column():
+    for got, want in zip(_values_and_grads(shared=True), _values_and_grads(shared=False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_only_the_rest_used_gets_a_gradient_for_the_rest():
+    """A gradient reaching one side only (the other unused) still gives x a whole gradient."""
+    x = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
+    apply_once_to_shared_prefix(lambda t: t * 2, x, 2)[2:].sum().backward()
+    want = torch.zeros_like(x)
+    want[2:] = 2
+    torch.testing.assert_close(x.grad, want)
+
+
+def test_nothing_to_share():
+    x = torch.randn(4, 1, 2)
+    assert torch.equal(apply_once_to_shared_prefix(torch.sin, x, 2), torch.sin(x))  # one column
+    assert torch.equal(apply_once_to_shared_prefix(torch.sin, x.expand(-1, 3, -1), 0), torch.sin(x).expand(-1, 3, -1))
+    with pytest.raises(ValueError, match="shared prefix 4 must be shorter than the sequence"):
+        apply_once_to_shared_prefix(torch.sin, x.expand(-1, 3, -1), 4)
