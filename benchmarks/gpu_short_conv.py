@@ -1,8 +1,8 @@
 """The short conv (ops/short_conv.py) at the 1B training shapes, forward + backward per backend, inputs laid out
 as the layers hand them over: DeltaNet's q/k/v and Mamba2's x are slices of channels of the [s, b, ...]
 projection, transposed to [B, T, C] (the ``triton`` backend reads them in place; ``fla`` copies them), Mamba2's B/C
-the transpose of a [s, b, 2N] projection. Every backend's output and gradients are compared with the
-``torch`` backend's on the same inputs.
+the transpose of a [s, b, 2N] projection. Times are the conv's forward and backward alone (see ``run_case``).
+Every backend's output and gradients are compared with the ``torch`` backend's on the same inputs.
 
     python benchmarks/gpu_short_conv.py [--backends triton,fla,torch] [--tiles 64x128:64x64x8,...] [--batch B]
         [--out DIR] [--smoke]
@@ -47,12 +47,15 @@ def case_inputs(batch, seq, first, channels, row, device, seed=0):
 
 
 def run_case(backend, projection, weight, bias, dy, first):
-    """y and the gradients of projection, weight and bias; the slice is taken inside, as in the layers."""
+    """y and the gradients of the conv's input (the layers' strided view of the projection), weight and bias.
+
+    The gradients are taken at that view (``torch.autograd.grad``), so the time is the conv's forward and backward
+    alone: a slice's backward would also zero-fill and copy the whole projection's gradient, which the layers (a
+    ``split``, whose backward is one ``cat`` they pay anyway) do not, and which diluted kernel differences."""
     p, w, b = (t.detach().requires_grad_() for t in (projection, weight, bias))
-    y, _ = causal_conv1d(p[..., first:first + w.shape[0]].transpose(0, 1), w, b, activation="silu",
-                         backend=backend)
-    y.backward(dy)
-    return [y.detach(), p.grad, w.grad, b.grad]
+    x = p[..., first:first + w.shape[0]].transpose(0, 1)
+    y, _ = causal_conv1d(x, w, b, activation="silu", backend=backend)
+    return [y.detach(), *torch.autograd.grad(y, (x, w, b), dy)]
 
 
 def parse_tiles(spec: str) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
