@@ -330,8 +330,9 @@ def run_sections_in_subprocesses(args):
     import sys
 
     for name in args.sections.split(","):
+        # "--train-args=VALUE": a value that starts with "--" would otherwise be read as a flag.
         cmd = [sys.executable, __file__, "--in-process", "--sections", name, "--out", args.out,
-               "--ssd-backend", args.ssd_backend, "--train-args", args.train_args, "--accumulate", str(args.accumulate),
+               "--ssd-backend", args.ssd_backend, f"--train-args={args.train_args}", "--accumulate", str(args.accumulate),
                *(["--smoke"] if args.smoke else [])]
         code = subprocess.call(cmd)
         if code:

@@ -1,5 +1,5 @@
 """benchmarks/gpu_suite.py: its smoke run on CPU trains the tiny preset in a training section, and --train-args
-reaches the trainer (recorded in the JSON, and visible in the FLOP count, which depends on the SSD chunk);
+(even a single flag, which starts with "--") reaches the trainer (recorded in the JSON, and visible in the FLOP count, which depends on the SSD chunk);
 --accumulate reaches the trainer's global batch and the GPT baseline's step."""
 
 import json
@@ -32,8 +32,9 @@ def _train_section(out_dir, *extra):
 
 def test_smoke_training_section_passes_train_args_to_the_trainer(tmp_path):
     default = _train_section(tmp_path / "default")
-    chunked = _train_section(tmp_path / "chunked", "--train-args", "--mamba-chunk-size 8")
-    assert default["train_args"] == "" and chunked["train_args"] == "--mamba-chunk-size 8"
+    # one flag without a space: the forwarding to the section's process must keep it a value, not a flag
+    chunked = _train_section(tmp_path / "chunked", "--train-args=--mamba-chunk-size=8")
+    assert default["train_args"] == "" and chunked["train_args"] == "--mamba-chunk-size=8"
     assert default["ssd_backend"] == chunked["ssd_backend"] == "torch"
     assert default["iteration"] == chunked["iteration"] == 8 and chunked["tokens_per_s"] > 0
     # the SSD's intra-chunk FLOPs grow with the chunk: 8 (the flag) counts fewer than the tiny preset's 16
