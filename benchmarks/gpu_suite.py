@@ -1,22 +1,30 @@
 """One-GPU benchmark suite: runtime on NCCL, per-layer cost at 1B shapes, 1B training throughput and baselines.
 
     python benchmarks/gpu_suite.py [--sections runtime,layers,train_1b_mbs4,profile_1b_mbs4,gpt_mbs2,fla_mbs4]
-        [--out DIR] [--smoke] [--accumulate N]
+        [--out DIR] [--smoke] [--accumulate N] [--variants 'FLAGS;FLAGS' [--rounds N]]
 
-Each section writes its results to DIR/gpu_suite.json as soon as it finishes (a later failure or a time limit
-loses nothing), and a table is printed at the end. ``--smoke`` runs every section at toy sizes on the CPU, to
+Each section writes its results to DIR/gpu_suite.json as soon as it finishes (a later failure or a time limit loses
+nothing) and prints it as a ``== name: {json}`` line. ``--smoke`` runs every section at toy sizes on the CPU, to
 check the script before spending GPU time. ``--accumulate N`` makes every training section and baseline take an
 optimizer step after N micro-batches, as pretraining with large batches does (the optimizer's and the loop's cost
 per step is then spread over N micro-batches). Results and commands go to docs/performance.md.
+
+``--variants`` compares pretrain flags in one process: each training section runs once per variant (each a
+``--train-args``-style string, ``;``-separated, the empty string allowed), round-robin for ``--rounds`` rounds. The
+process compiles and autotunes once (a fresh process spends ~4-5 minutes there at 1B shapes, and a later process
+can again), so each further run costs its iterations alone (~26 s at micro-batch 16, accumulating 8), and the
+variants share one machine's clock. For a change in code rather than a flag, put the change behind a flag.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
 import shlex
+import statistics
 import time
 import traceback
 
@@ -109,7 +117,7 @@ def section_layers():
     return rows
 
 
-def section_train(preset, micro_batch, extra=(), profile_dir=None):
+def section_train(preset, micro_batch, extra=(), profile_dir=None, variant=()):
     """Our trainer (pretrain.train) on mock data: steady-state tokens/s, MFU and memory over the second half of
     the iterations (8, or 4 when accumulating); with ``profile_dir``, a torch-profiler table of the kernels of the
     last two."""
@@ -121,14 +129,17 @@ def section_train(preset, micro_batch, extra=(), profile_dir=None):
     argv = ["--mock-data", "--preset", "tiny" if SMOKE else preset, "--seq-length", str(seq),
             "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch * ACCUMULATE),
             "--train-iters", str(iters), "--log-interval", str(iters // 2), "--eval-iters", "0",
-            "--lr", "1e-3", "--ssd-backend", SSD_BACKEND, *([] if SMOKE else ["--bf16"]), *extra, *TRAIN_ARGS]
+            "--lr", "1e-3", "--ssd-backend", SSD_BACKEND, *([] if SMOKE else ["--bf16"]), *extra, *TRAIN_ARGS,
+            *variant]
     if profile_dir:
         argv += ["--profile", "--profile-step-start", str(iters - 2), "--profile-step-end", str(iters),
                  "--profile-dir", profile_dir]
     args = arguments.parse_args(argv, world_size=1)
+    if torch.cuda.is_available():  # the peak of this run, not of an earlier one in the same process
+        torch.cuda.reset_peak_memory_stats()
     result = pretrain.train(args)
     out = {"preset": preset, "micro_batch": micro_batch, "accumulate": ACCUMULATE, "seq": seq,
-           "ssd_backend": SSD_BACKEND, "train_args": " ".join(TRAIN_ARGS), **result["last_log"],
+           "ssd_backend": SSD_BACKEND, "train_args": " ".join([*TRAIN_ARGS, *variant]), **result["last_log"],
            "flops_per_token": result["flops_per_token"], "final_losses": result["losses"][-2:]}
     if profile_dir:
         out["profile"] = result["profile"]
@@ -141,16 +152,33 @@ TRAIN_SECTION = re.compile(r"(train|train_no_weight_norm|profile)_(1b|3b)_mbs(\d
 BASELINE_SECTION = re.compile(r"(gpt|fla|fla_sized)_mbs(\d+)$")
 
 
-def train_section(name, out_dir):
+def train_section(name, out_dir, variant=()):
     """``train_1b_mbs4``, ``train_no_weight_norm_1b_mbs4`` (weight-norm overhead: paper +4-7%),
     ``profile_1b_mbs4``, ``train_3b_mbs2`` ..."""
     kind, size, mbs = TRAIN_SECTION.match(name).groups()
     preset = f"nemotron_flash_{size}"
     if kind == "train_no_weight_norm":
-        return section_train(preset, int(mbs), extra=["--no-weight-norm"])
+        return section_train(preset, int(mbs), extra=["--no-weight-norm"], variant=variant)
     if kind == "profile":
-        return section_train(preset, int(mbs), profile_dir=os.path.join(out_dir, "profile"))
-    return section_train(preset, int(mbs))
+        return section_train(preset, int(mbs), profile_dir=os.path.join(out_dir, "profile"), variant=variant)
+    return section_train(preset, int(mbs), variant=variant)
+
+
+def train_section_variants(name, out_dir, variants, rounds):
+    """The section once per variant, round-robin for ``rounds`` rounds, in this process: every run, and per
+    variant the median tokens/s and its ratio to the first variant's."""
+    runs = []
+    for round_index in range(rounds):
+        for variant in variants:
+            run = train_section(name, out_dir, variant=shlex.split(variant))
+            runs.append({"round": round_index, "variant": variant, **run})
+            gc.collect()  # the run's model and optimizer, before the next one allocates its own
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"== {name} round {round_index} [{variant}]: {run['tokens_per_s']:,.0f} tokens/s", flush=True)
+    median = {v: statistics.median(r["tokens_per_s"] for r in runs if r["variant"] == v) for v in variants}
+    return {"variants": variants, "rounds": rounds, "runs": runs, "median_tokens_per_s": median,
+            "ratio_to_first": {v: median[v] / median[variants[0]] for v in variants}}
 
 
 def section_gpt_baseline(micro_batch, iters=6):
@@ -279,9 +307,18 @@ def main():
                    help="more pretrain flags for the training sections, one string, e.g. '--recompute-logits'")
     p.add_argument("--accumulate", type=int, default=1,
                    help="micro-batches per optimizer step in the training sections and baselines (default 1)")
+    p.add_argument("--variants", default=None,
+                   help="';'-separated pretrain flag sets (the empty string allowed) that each training section "
+                        "runs in turn in one process, e.g. ';--no-share-meta-rows'")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of --variants (default 2)")
     args = p.parse_args()
     if args.accumulate < 1:
         p.error(f"--accumulate must be at least 1, got {args.accumulate}")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    variants = None if args.variants is None else [v.strip() for v in args.variants.split(";")]
+    if variants is not None and len(set(variants)) != len(variants):
+        p.error(f"--variants names a flag set twice: {args.variants!r}")
     SMOKE = args.smoke
     ACCUMULATE = args.accumulate
     SSD_BACKEND = args.ssd_backend
@@ -307,7 +344,9 @@ def main():
     for name in args.sections.split(","):
         t = time.perf_counter()
         try:
-            if TRAIN_SECTION.match(name):
+            if TRAIN_SECTION.match(name) and variants is not None:
+                value = train_section_variants(name, args.out, variants, args.rounds)
+            elif TRAIN_SECTION.match(name):
                 value = train_section(name, args.out)
             elif BASELINE_SECTION.match(name):
                 kind, mbs = BASELINE_SECTION.match(name).groups()
@@ -332,7 +371,9 @@ def run_sections_in_subprocesses(args):
     for name in args.sections.split(","):
         # "--train-args=VALUE": a value that starts with "--" would otherwise be read as a flag.
         cmd = [sys.executable, __file__, "--in-process", "--sections", name, "--out", args.out,
-               "--ssd-backend", args.ssd_backend, f"--train-args={args.train_args}", "--accumulate", str(args.accumulate),
+               "--ssd-backend", args.ssd_backend, f"--train-args={args.train_args}",
+               "--accumulate", str(args.accumulate),
+               *([f"--variants={args.variants}", "--rounds", str(args.rounds)] if args.variants is not None else []),
                *(["--smoke"] if args.smoke else [])]
         code = subprocess.call(cmd)
         if code:

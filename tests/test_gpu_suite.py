@@ -1,6 +1,7 @@
 """benchmarks/gpu_suite.py: its smoke run on CPU trains the tiny preset in a training section, and --train-args
-(even a single flag, which starts with "--") reaches the trainer (recorded in the JSON, and visible in the FLOP count, which depends on the SSD chunk);
---accumulate reaches the trainer's global batch and the GPT baseline's step."""
+(even a single flag, which starts with "--") reaches the trainer (recorded in the JSON, and visible in the FLOP
+count, which depends on the SSD chunk); --accumulate reaches the trainer's global batch and the GPT baseline's
+step; --variants runs a training section once per flag set, round-robin, in one process."""
 
 import json
 import os
@@ -39,6 +40,21 @@ def test_smoke_training_section_passes_train_args_to_the_trainer(tmp_path):
     assert default["iteration"] == chunked["iteration"] == 8 and chunked["tokens_per_s"] > 0
     # the SSD's intra-chunk FLOPs grow with the chunk: 8 (the flag) counts fewer than the tiny preset's 16
     assert chunked["flops_per_token"] < default["flops_per_token"]
+
+
+def test_smoke_variants_run_round_robin_in_one_process(tmp_path):
+    section = _train_section(tmp_path, "--variants", ";--mamba-chunk-size=8", "--rounds", "2")
+    runs = section["runs"]
+    assert [(r["round"], r["variant"]) for r in runs] == [(0, ""), (0, "--mamba-chunk-size=8"),
+                                                          (1, ""), (1, "--mamba-chunk-size=8")]
+    # each run got its own flags: the chunk of 8 counts fewer SSD FLOPs than the tiny preset's 16
+    assert runs[0]["flops_per_token"] == runs[2]["flops_per_token"] > runs[1]["flops_per_token"]
+    assert [r["train_args"] for r in runs[:2]] == ["", "--mamba-chunk-size=8"]
+    default_tps = sorted(r["tokens_per_s"] for r in runs if r["variant"] == "")
+    assert section["median_tokens_per_s"][""] == pytest.approx(sum(default_tps) / 2)
+    assert section["ratio_to_first"][""] == 1.0
+    assert section["ratio_to_first"]["--mamba-chunk-size=8"] == pytest.approx(
+        section["median_tokens_per_s"]["--mamba-chunk-size=8"] / section["median_tokens_per_s"][""])
 
 
 def test_smoke_accumulate_reaches_the_trainer_and_the_baseline(tmp_path):
