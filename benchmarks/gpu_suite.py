@@ -14,6 +14,9 @@ per step is then spread over N micro-batches). Results and commands go to docs/p
 process compiles and autotunes once (a fresh process spends ~4-5 minutes there at 1B shapes, and a later process
 can again), so each further run costs its iterations alone (~26 s at micro-batch 16, accumulating 8), and the
 variants share one machine's clock. For a change in code rather than a flag, put the change behind a flag.
+Likewise ``--in-process`` runs all the sections in one process, and a section's ``_accM`` suffix gives it its own
+micro-batches per step: ``--in-process --sections train_1b_mbs16_acc8,fla_sized_mbs8_acc16`` compares ours with
+fla's at one global batch on one machine.
 """
 
 from __future__ import annotations
@@ -150,6 +153,14 @@ TRAIN_SECTION = re.compile(r"(train|train_no_weight_norm|profile)_(1b|3b)_mbs(\d
 # the baselines at the 1B size, micro-batch N: fla at the 1B's shape (12 blocks, 923M parameters), or sized to its
 # parameter count (fla_sized: the FFN widened, 961M against 965M)
 BASELINE_SECTION = re.compile(r"(gpt|fla|fla_sized)_mbs(\d+)$")
+# any training or baseline section with its own micro-batches per step: ``fla_sized_mbs8_acc16``
+SECTION_ACCUMULATE = re.compile(r"(.+)_acc(\d+)$")
+
+
+def split_accumulate(name, default):
+    """``"fla_sized_mbs8_acc16"`` -> ("fla_sized_mbs8", 16); a name without the suffix keeps ``default``."""
+    match = SECTION_ACCUMULATE.match(name)
+    return (match.group(1), int(match.group(2))) if match else (name, default)
 
 
 def train_section(name, out_dir, variant=()):
@@ -298,8 +309,11 @@ def main():
                                          "profile_1b_mbs4,train_3b_mbs2,gpt_mbs2,fla_mbs4",
                    help="comma-separated; each runs in its own process so one cannot starve the next of memory. "
                         "Training sections are named (train|train_no_weight_norm|profile)_(1b|3b)_mbsN, "
-                        "baselines (gpt|fla|fla_sized)_mbsN")
-    p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+                        "baselines (gpt|fla|fla_sized)_mbsN; any of them with _accM steps every M micro-batches "
+                        "instead of --accumulate's")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every section in this one process: compilation and autotuning are shared and the "
+                        "sections share one machine's clock (each section's memory is freed before the next)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--ssd-backend", default="auto", help="Mamba2 scan of the training sections (as pretrain's flag)")
@@ -343,22 +357,26 @@ def main():
     }
     for name in args.sections.split(","):
         t = time.perf_counter()
+        section, ACCUMULATE = split_accumulate(name, args.accumulate)
         try:
-            if TRAIN_SECTION.match(name) and variants is not None:
-                value = train_section_variants(name, args.out, variants, args.rounds)
-            elif TRAIN_SECTION.match(name):
-                value = train_section(name, args.out)
-            elif BASELINE_SECTION.match(name):
-                kind, mbs = BASELINE_SECTION.match(name).groups()
+            if ACCUMULATE < 1:
+                raise ValueError(f"section {name!r}: micro-batches per step must be at least 1")
+            if TRAIN_SECTION.match(section) and variants is not None:
+                value = train_section_variants(section, args.out, variants, args.rounds)
+            elif TRAIN_SECTION.match(section):
+                value = train_section(section, args.out)
+            elif BASELINE_SECTION.match(section):
+                kind, mbs = BASELINE_SECTION.match(section).groups()
                 value = (section_gpt_baseline(int(mbs)) if kind == "gpt"
                          else section_fla_baseline(int(mbs), sized=kind == "fla_sized"))
             else:
-                value = sections[name]()
+                value = sections[section]()
         except Exception as exc:  # noqa: BLE001 - keep going: one failure must not lose the other sections
             value = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
         if isinstance(value, dict):
             value["section_seconds"] = round(time.perf_counter() - t, 1)
         record(args, results, name, value)
+        gc.collect()  # the section's model and optimizer, before the next section of this process allocates
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     runtime.shutdown()

@@ -1,7 +1,8 @@
 """benchmarks/gpu_suite.py: its smoke run on CPU trains the tiny preset in a training section, and --train-args
 (even a single flag, which starts with "--") reaches the trainer (recorded in the JSON, and visible in the FLOP
 count, which depends on the SSD chunk); --accumulate reaches the trainer's global batch and the GPT baseline's
-step; --variants runs a training section once per flag set, round-robin, in one process."""
+step, and a section's _accM suffix its own; --variants runs a training section once per flag set, round-robin, in
+one process."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.tool_loading import REPO
+from tests.tool_loading import REPO, load_script
 
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_suite.py")
 
@@ -66,13 +67,20 @@ def test_smoke_accumulate_reaches_the_trainer_and_the_baseline(tmp_path):
     assert gpt["tokens_per_s"] == pytest.approx(2 * 3 * 64 / (gpt["ms_per_iter"] / 1000), rel=1e-6)
 
 
+def test_section_suffix_sets_its_own_accumulation(tmp_path):
+    train, gpt = _sections(tmp_path, ["train_1b_mbs4_acc3", "gpt_mbs2"], "--accumulate", "2")
+    assert train["accumulate"] == 3 and train["micro_batch"] == 4 and gpt["accumulate"] == 2
+    suite = load_script("benchmarks", "gpu_suite")
+    assert suite.split_accumulate("fla_sized_mbs8_acc16", 1) == ("fla_sized_mbs8", 16)
+    assert suite.split_accumulate("fla_sized_mbs8", 4) == ("fla_sized_mbs8", 4)
+
+
 def test_sized_fla_baseline_is_the_widest_ffn_within_the_1b_parameter_count():
     pytest.importorskip("fla")
     import torch
     from fla.models import DeltaNetForCausalLM
 
     from megatron_flash.presets import RELEASED_PARAMETER_COUNTS
-    from tests.tool_loading import load_script
 
     suite = load_script("benchmarks", "gpu_suite")
 
