@@ -307,7 +307,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="runtime,layers,train_1b_mbs4,train_no_weight_norm_1b_mbs4,"
                                          "profile_1b_mbs4,train_3b_mbs2,gpt_mbs2,fla_mbs4",
-                   help="comma-separated; each runs in its own process so one cannot starve the next of memory. "
+                   help="comma-separated; each runs in its own process (unless --in-process) so one cannot starve "
+                        "the next of memory. "
                         "Training sections are named (train|train_no_weight_norm|profile)_(1b|3b)_mbsN, "
                         "baselines (gpt|fla|fla_sized)_mbsN; any of them with _accM steps every M micro-batches "
                         "instead of --accumulate's")
