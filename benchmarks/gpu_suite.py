@@ -175,6 +175,14 @@ def train_section(name, out_dir, variant=()):
     return section_train(preset, int(mbs), variant=variant)
 
 
+def release_memory():
+    """Free a finished run's model and optimizer (gc: they hold reference cycles) and the allocator's cache, before
+    the next run in this process allocates its own."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def train_section_variants(name, out_dir, variants, rounds):
     """The section once per variant, round-robin for ``rounds`` rounds, in this process: every run, and per
     variant the median tokens/s and its ratio to the first variant's."""
@@ -183,9 +191,7 @@ def train_section_variants(name, out_dir, variants, rounds):
         for variant in variants:
             run = train_section(name, out_dir, variant=shlex.split(variant))
             runs.append({"round": round_index, "variant": variant, **run})
-            gc.collect()  # the run's model and optimizer, before the next one allocates its own
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()
             print(f"== {name} round {round_index} [{variant}]: {run['tokens_per_s']:,.0f} tokens/s", flush=True)
     median = {v: statistics.median(r["tokens_per_s"] for r in runs if r["variant"] == v) for v in variants}
     return {"variants": variants, "rounds": rounds, "runs": runs, "median_tokens_per_s": median,
@@ -377,9 +383,7 @@ def main():
         if isinstance(value, dict):
             value["section_seconds"] = round(time.perf_counter() - t, 1)
         record(args, results, name, value)
-        gc.collect()  # the section's model and optimizer, before the next section of this process allocates
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
     runtime.shutdown()
 
 
