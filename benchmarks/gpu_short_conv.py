@@ -4,16 +4,15 @@ projection, transposed to [B, T, C] (the ``triton`` backend reads them in place;
 the transpose of a [s, b, 2N] projection. Times are the conv's forward and backward alone (see ``run_case``).
 Every backend's output and gradients are compared with the ``torch`` backend's on the same inputs.
 
-    python benchmarks/gpu_short_conv.py [--backends triton,fla,torch] [--tiles 64x128:64x64x8[:16x128x4x32],...]
-        [--batch B] [--out DIR] [--smoke]
+    python benchmarks/gpu_short_conv.py [--backends triton,fla,torch] [--tiles 64x128:64x64x8,...] [--batch B]
+        [--out DIR] [--smoke]
 
 ``--tiles``: the triton backend again with other tiles per program, forward:backward, each tokens x channels
-[x warps] (warps default to the kernels' own, ``short_conv_triton.FWD_TILE`` / ``BWD_TILE``), and optionally
-:dx, the dx and weight-partials kernel that loops over time (``short_conv_triton.DX_TILE``), tokens per step x
-channels x warps x steps (without it, the kernels' own ``DX_TILE``).
+[x warps] (warps default to the kernels' own, ``short_conv_triton.FWD_TILE`` / ``BWD_TILE``).
 
 Shapes: micro-batch 4 (``--batch``) x (4096 + 256 meta tokens), bf16; ``--smoke``: tiny sizes on the CPU (the
-``torch`` backend only), to check the script. Results: DIR/short_conv.json (DIR defaults to $OUT, else the current
+``torch`` backend only), to check the script. A backend or tile that fails (a kernel that does not compile) gets
+its error in its row, and the other rows still run. Results: DIR/short_conv.json (DIR defaults to $OUT, else the current
 folder).
 """
 
@@ -60,29 +59,22 @@ def run_case(backend, projection, weight, bias, dy, first):
     return [y.detach(), *torch.autograd.grad(y, (x, w, b), dy)]
 
 
-def parse_tiles(spec: str) -> list[tuple]:
-    """``"64x128:64x64x8,64x64:64x128:16x128x4x32"`` -> [((64, 128, fwd warps), (64, 64, 8), DX_TILE),
-    ((64, 64, fwd warps), (64, 128, bwd warps), (16, 128, 4, 32))]: (tokens, channels, warps) forward and backward,
-    a tile without warps keeping the kernels' default for that direction; then the dx kernel's tile over time
-    (tokens per step, channels, warps, steps), or the kernels' ``DX_TILE``."""
+def parse_tiles(spec: str) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """``"64x128:64x64x8,..."`` -> [((64, 128, fwd warps), (64, 64, 8)), ...]: (tokens, channels, warps) forward
+    and backward; a tile without warps keeps the kernels' default for that direction."""
     defaults = short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE
     runs = []
     for run in filter(None, spec.split(",")):
         parts = run.split(":")
-        if len(parts) not in (2, 3):
-            raise ValueError(f"--tiles {run!r}: expected forward:backward[:dx], e.g. 64x128:64x64x8")
-        tiles = []
+        if len(parts) != 2:
+            raise ValueError(f"--tiles {run!r}: expected forward:backward, e.g. 64x128:64x64x8")
+        pair = []
         for part, default in zip(parts, defaults):
             numbers = [int(n) for n in part.split("x")]
             if len(numbers) not in (2, 3):
                 raise ValueError(f"--tiles {run!r}: {part!r} is not tokens x channels [x warps]")
-            tiles.append(tuple(numbers) if len(numbers) == 3 else (*numbers, default[2]))
-        dx_tile = short_conv_triton.DX_TILE
-        if len(parts) == 3:
-            dx_tile = tuple(int(n) for n in parts[2].split("x"))
-            if len(dx_tile) != 4:
-                raise ValueError(f"--tiles {run!r}: {parts[2]!r} is not tokens x channels x warps x steps")
-        runs.append((*tiles, dx_tile))
+            pair.append(tuple(numbers) if len(numbers) == 3 else (*numbers, default[2]))
+        runs.append(tuple(pair))
     return runs
 
 
@@ -104,23 +96,26 @@ def main(argv=None) -> dict:
     runs = [(backend, None) for backend in backends] + [("triton", tile) for tile in tiles]
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                "batch": cfg["batch"], "seq": cfg["seq"], "dtype": "bfloat16", "cases": {}}
-    default_tiles = short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE, short_conv_triton.DX_TILE
+    default_tiles = short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE
     for name, (first, channels, row) in cfg["cases"].items():
         inputs = case_inputs(cfg["batch"], cfg["seq"], first, channels, row, device)
         want = run_case("torch", *inputs, first)
         rows = {}
         for backend, tile in runs:
-            label = backend if tile is None else f"triton_{'_'.join('x'.join(map(str, t)) for t in tile if t)}"
+            label = backend if tile is None else f"triton_{'_'.join('x'.join(map(str, t)) for t in tile)}"
             if tile is not None:
-                short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE, short_conv_triton.DX_TILE = tile
-            got = run_case(backend, *inputs, first)
-            rows[label] = {
-                "fwd_bwd_ms": round(median_ms(lambda: run_case(backend, *inputs, first), cfg["warmup"],
-                                              cfg["iters"]), 3),
-                **{f"rel_diff_{key}": relative_error(g, r)
-                   for key, g, r in zip(("y", "dx", "dweight", "dbias"), got, want, strict=True)}}
+                short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE = tile
+            try:
+                got = run_case(backend, *inputs, first)
+                rows[label] = {
+                    "fwd_bwd_ms": round(median_ms(lambda: run_case(backend, *inputs, first), cfg["warmup"],
+                                                  cfg["iters"]), 3),
+                    **{f"rel_diff_{key}": relative_error(g, r)
+                       for key, g, r in zip(("y", "dx", "dweight", "dbias"), got, want, strict=True)}}
+            except Exception as exc:  # noqa: BLE001 - a tile that fails to compile must not lose the other rows
+                rows[label] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
             print(f"{name:14s} {label:7s} {rows[label]}", flush=True)
-        short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE, short_conv_triton.DX_TILE = default_tiles
+        short_conv_triton.FWD_TILE, short_conv_triton.BWD_TILE = default_tiles
         results["cases"][name] = rows
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "short_conv.json"), "w") as f:

@@ -31,11 +31,6 @@ from megatron_flash.ops.packed import document_index
 # shapes on an H200, at Triton's default of 4 warps (benchmarks/gpu_short_conv.py --tiles; docs/performance.md)
 FWD_TILE = (64, 64, 4)
 BWD_TILE = (64, 128, 4)
-# The dx and weight-partials kernel that loops over time: (tokens per step, channels, warps, steps per program), or
-# None for the one-tile kernel at BWD_TILE. A candidate, not yet timed on a GPU: the one-tile kernel, the furthest
-# of the conv's from its bandwidth floor (~1.2 TB/s on an H200), reduces its tile over tokens once per tap, across
-# warps; this one accumulates elementwise over its steps and reduces once per program.
-DX_TILE = None
 
 
 @triton.jit
@@ -135,54 +130,6 @@ def _conv_bwd_kernel(x, w, starts, g, dx, dw_part, db_part, T, C, n_t_tiles,
     tl.store(out, dx_acc.to(dx.dtype.element_ty), mask=valid_t[:, None] & valid_c[None, :])
 
 
-@triton.jit
-def _conv_bwd_steps_kernel(x, w, starts, g, dx, dw_part, db_part, T, C,
-                           stride_xb, stride_xt, stride_xc, stride_gb, stride_gt, stride_gc, stride_dxb, stride_dxt,
-                           K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                           STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STARTS: tl.constexpr):
-    """``_conv_bwd_kernel``'s results over STEPS consecutive tiles of BT tokens: g at the K shifted positions is one
-    [KP, BT, BC] load (KP, K's next power of two, padded by masking), the products g * x and g accumulate
-    elementwise across the steps and are reduced over tokens once, at the end. Partials go to row
-    ``pid_b * n_parts + pid_t`` with n_parts = ``tl.num_programs(0)``."""
-    pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c = pid_c * BC + tl.arange(0, BC)
-    valid_c = c < C
-    x_c = c.to(tl.int64) * stride_xc
-    g_b = g + pid_b.to(tl.int64) * stride_gb
-    j = tl.arange(0, KP)  # the outputs t + j read x[t] through tap K-1-j
-    tap_index = K - 1 - j
-    taps = tl.load(w + c[None, :] * K + tap_index[:, None], mask=(j < K)[:, None] & valid_c[None, :],
-                   other=0.0).to(tl.float32)  # [KP, BC]
-    dw_acc = tl.zeros([KP, BT, BC], dtype=tl.float32)
-    db_acc = tl.zeros([BT, BC], dtype=tl.float32)
-    for step in range(STEPS):
-        t = (pid_t * STEPS + step) * BT + tl.arange(0, BT)
-        valid_t = t < T
-        x_own = tl.load(x + pid_b.to(tl.int64) * stride_xb + t.to(tl.int64)[:, None] * stride_xt + x_c[None, :],
-                        mask=valid_t[:, None] & valid_c[None, :], other=0.0).to(tl.float32)
-        u = t[None, :] + j[:, None]  # [KP, BT]
-        valid_u = (u < T) & (j < K)[:, None]
-        if HAS_STARTS:
-            first = tl.load(starts + u, mask=valid_u, other=0)
-        else:
-            first = tl.zeros([KP, BT], dtype=tl.int32)
-        same_document = valid_u & (t[None, :] >= first)
-        g_u = tl.load(g_b + u.to(tl.int64)[:, :, None] * stride_gt + c[None, None, :] * stride_gc,
-                      mask=same_document[:, :, None] & valid_c[None, None, :], other=0.0).to(tl.float32)
-        dx_tile = tl.sum(g_u * taps[:, None, :], axis=0)
-        out = dx + pid_b.to(tl.int64) * stride_dxb + t.to(tl.int64)[:, None] * stride_dxt + c[None, :]
-        tl.store(out, dx_tile.to(dx.dtype.element_ty), mask=valid_t[:, None] & valid_c[None, :])
-        dw_acc += g_u * x_own[None, :, :]
-        if HAS_BIAS:  # j = 0: g at t itself
-            db_acc += tl.load(g_b + t.to(tl.int64)[:, None] * stride_gt + c[None, :] * stride_gc,
-                              mask=valid_t[:, None] & valid_c[None, :], other=0.0).to(tl.float32)
-    part = (pid_b * tl.num_programs(0) + pid_t).to(tl.int64)
-    tl.store(dw_part + (part * K + tap_index[:, None]) * C + c[None, :], tl.sum(dw_acc, axis=1),
-             mask=(j < K)[:, None] & valid_c[None, :])
-    if HAS_BIAS:
-        tl.store(db_part + part * C + c, tl.sum(db_acc, axis=0), mask=valid_c)
-
-
 class ShortConvFunction(torch.autograd.Function):
     """y = act(causal depthwise conv of x [B, T, C]); x any strides. y is contiguous [B, T, C] for one section,
     else [B, T, S, C/S] stored section-major."""
@@ -225,21 +172,11 @@ class ShortConvFunction(torch.autograd.Function):
         # dx dense in x's order of batch and time (x may be a [T, B, ...] tensor seen as [B, T, C])
         dx = (torch.empty(length, batch, channels, dtype=x.dtype, device=x.device).transpose(0, 1)
               if x.stride(0) < x.stride(1) else torch.empty(batch, length, channels, dtype=x.dtype, device=x.device))
-        n_parts = n_t_tiles if DX_TILE is None else triton.cdiv(length, DX_TILE[0] * DX_TILE[3])
-        dw_part = torch.empty(batch * n_parts, k, channels, dtype=torch.float32, device=x.device)
-        db_part = (torch.empty(batch * n_parts, channels, dtype=torch.float32, device=x.device)
+        dw_part = torch.empty(batch * n_t_tiles, k, channels, dtype=torch.float32, device=x.device)
+        db_part = (torch.empty(batch * n_t_tiles, channels, dtype=torch.float32, device=x.device)
                    if bias is not None else None)
-        if DX_TILE is None:
-            _conv_bwd_kernel[grid](x, weight, starts, g, dx, dw_part, db_part, length, channels, n_t_tiles,
-                                   *x.stride(), *g.stride(), *dx.stride()[:2], **meta)
-        else:
-            step_t, step_c, step_warps, steps = DX_TILE
-            dx_grid = (n_parts, triton.cdiv(channels, step_c), batch)
-            _conv_bwd_steps_kernel[dx_grid](x, weight, starts, g, dx, dw_part, db_part, length, channels,
-                                            *x.stride(), *g.stride(), *dx.stride()[:2], K=k,
-                                            KP=triton.next_power_of_2(k), BT=step_t, BC=step_c, STEPS=steps,
-                                            HAS_BIAS=bias is not None, HAS_STARTS=starts is not None,
-                                            num_warps=step_warps)
+        _conv_bwd_kernel[grid](x, weight, starts, g, dx, dw_part, db_part, length, channels, n_t_tiles,
+                               *x.stride(), *g.stride(), *dx.stride()[:2], **meta)
         dw = dw_part.sum(0).t().to(weight.dtype)
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return dx, dw, db, None, None, None
