@@ -179,6 +179,18 @@ def test_foreach_grad_norm_does_not_synchronize_on_gpu():
     torch.testing.assert_close(norms["foreach"], norms["megatron"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU memory outside PyTorch's allocator")
+def test_memory_outside_the_allocator_excludes_what_the_allocator_reserves():
+    from megatron_flash.training.loop_utils import memory_outside_allocator_gib
+
+    before = memory_outside_allocator_gib()
+    block = torch.empty(2**30, dtype=torch.uint8, device="cuda")  # 1 GiB through the allocator
+    after = memory_outside_allocator_gib()
+    total = torch.cuda.mem_get_info()[1]
+    assert 0 < before < total / 2**30 and abs(after - before) < 0.1, (before, after)
+    del block
+
+
 @pytest.mark.parametrize("world,tp,pp,extra", [
     (2, 2, 1, ["--tensor-model-parallel-size", "2"]),
     (2, 1, 2, ["--pipeline-model-parallel-size", "2"]),

@@ -97,6 +97,15 @@ def memory_gib() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def memory_outside_allocator_gib() -> float:
+    """GPU memory in use that PyTorch's allocator did not reserve (CUDA context, kernels' local memory, libraries'
+    own allocations): what limits the micro-batch beyond ``memory_gib``. NaN without a GPU."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    free, total = torch.cuda.mem_get_info()
+    return (total - free - torch.cuda.memory_reserved()) / 2**30
+
+
 class ProgressLog:
     """Console lines and TensorBoard scalars, written by the logging rank only."""
 
@@ -161,7 +170,8 @@ class ProgressLog:
         self.scalar("throughput/mfu", mfu, iteration)
         self.scalar("memory/gib", memory_gib(), iteration)
         self.last = {"iteration": iteration, "ms_per_iter": per_iter * 1000, "tokens_per_s": tokens_per_s,
-                     "mfu": mfu, "memory_gib": memory_gib(), "loss": avg_loss}
+                     "mfu": mfu, "memory_gib": memory_gib(), "outside_allocator_gib": memory_outside_allocator_gib(),
+                     "loss": avg_loss}
         if is_logging_rank():
             gn = f"{grad_norm:.3f}" if grad_norm is not None else "-"
             mfu_text = f"{mfu:.1%}" if math.isfinite(mfu) else "-"
