@@ -2,7 +2,7 @@
 (even a single flag, which starts with "--") reaches the trainer (recorded in the JSON, and visible in the FLOP
 count, which depends on the SSD chunk); --accumulate reaches the trainer's global batch and the GPT baseline's
 step, and a section's _accM suffix its own; --variants runs a training section once per flag set, round-robin, in
-one process."""
+one process; a section run again is recorded beside the first."""
 
 import json
 import os
@@ -94,3 +94,17 @@ def test_sized_fla_baseline_is_the_widest_ffn_within_the_1b_parameter_count():
     assert count(shaped) < count(sized) <= target
     sized.intermediate_size += 256  # one step wider passes the 1B's count
     assert count(sized) > target
+
+
+def test_a_section_run_again_is_recorded_beside_the_first(tmp_path):
+    suite = load_script("benchmarks", "gpu_suite")
+    args = suite.argparse.Namespace(out=str(tmp_path))
+    results = {}
+    for tokens_per_s in (1.0, 2.0, 3.0):
+        suite.record(args, results, "train_1b_mbs16_acc8", {"tokens_per_s": tokens_per_s})
+    suite.record(args, results, "fla_sized_mbs8_acc16", {"tokens_per_s": 4.0})
+    written = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert written == results == {"train_1b_mbs16_acc8": {"tokens_per_s": 1.0},
+                                  "train_1b_mbs16_acc8#2": {"tokens_per_s": 2.0},
+                                  "train_1b_mbs16_acc8#3": {"tokens_per_s": 3.0},
+                                  "fla_sized_mbs8_acc16": {"tokens_per_s": 4.0}}
