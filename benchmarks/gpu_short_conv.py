@@ -12,8 +12,8 @@ Every backend's output and gradients are compared with the ``torch`` backend's o
 
 Shapes: micro-batch 4 (``--batch``) x (4096 + 256 meta tokens), bf16; ``--smoke``: tiny sizes on the CPU (the
 ``torch`` backend only), to check the script. A backend or tile that fails (a kernel that does not compile) gets
-its error in its row, and the other rows still run. Results: DIR/short_conv.json (DIR defaults to $OUT, else the current
-folder).
+its error in its row, and the other rows still run. Results: DIR/short_conv.json (DIR defaults to $OUT, else the
+current folder).
 """
 
 from __future__ import annotations
