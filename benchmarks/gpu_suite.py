@@ -4,10 +4,11 @@
         [--out DIR] [--smoke] [--accumulate N] [--variants 'FLAGS;FLAGS' [--rounds N]]
 
 Each section writes its results to DIR/gpu_suite.json as soon as it finishes (a later failure or a time limit loses
-nothing) and prints it as a ``== name: {json}`` line; a section run again is recorded as ``name#2``, ``name#3``... ``--smoke`` runs every section at toy sizes on the CPU, to
-check the script before spending GPU time. ``--accumulate N`` makes every training section and baseline take an
-optimizer step after N micro-batches, as pretraining with large batches does (the optimizer's and the loop's cost
-per step is then spread over N micro-batches). Results and commands go to docs/performance.md.
+nothing) and prints it as a ``== name: {json}`` line; a section run again is recorded as ``name#2``, ``name#3``...
+``--smoke`` runs every section at toy sizes on the CPU, to check the script before spending GPU time. ``--accumulate
+N`` makes every training section and baseline take an optimizer step after N micro-batches, as pretraining with
+large batches does (the optimizer's and the loop's cost per step is then spread over N micro-batches). Results and
+commands go to docs/performance.md.
 
 ``--variants`` compares pretrain flags in one process: each training section runs once per variant (each a
 ``--train-args``-style string, ``;``-separated, the empty string allowed), round-robin for ``--rounds`` rounds. The
