@@ -31,6 +31,7 @@ class NemotronFlashConfig(TransformerConfig):
     # the FFN computes the meta tokens' rows once per micro-batch (layers/shared_prefix.py): exact, since every
     # sequence starts with them; off for A/B measurements
     share_meta_rows: bool = True
+    share_meta_prefix_in_mixers: bool = False  # WIP: DeltaNet runs the meta prefix once (layers/shared_prefix.py)
     sliding_window: Optional[int] = None  # for 'S' layers
 
     # DeltaNet (fla's DeltaNet defaults): heads = num_attention_heads

@@ -89,10 +89,14 @@ def _forward_backward(mixer, x_full, out_weights, cu_seqlens, sequence_parallel)
     """Run one case on this rank; return the full output, input gradient and parameter gradients."""
     from megatron_flash.layers.base import MixerInputs
 
+    inputs = MixerInputs(packed_seq_params=_packed_params(cu_seqlens) if cu_seqlens is not None else None)
+    return _forward_backward_inputs(mixer, x_full, out_weights, inputs, sequence_parallel)
+
+
+def _forward_backward_inputs(mixer, x_full, out_weights, inputs, sequence_parallel=False):
     size, rank, _ = _tp()
     shard = (lambda t: t.chunk(size, dim=0)[rank]) if sequence_parallel else (lambda t: t)
     x = shard(x_full).clone().requires_grad_()
-    inputs = MixerInputs(packed_seq_params=_packed_params(cu_seqlens) if cu_seqlens is not None else None)
     mixer.zero_grad()
     out = mixer(x, inputs)
     (out * shard(out_weights)).sum().backward()

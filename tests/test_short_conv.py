@@ -181,6 +181,53 @@ def test_triton_kernels_match_the_reference_in_sections(dtype, tol):
              sections=3)
 
 
+def _compare_history(backend, device, dtype, tol, history, sections=1, bias=True, length=70, channels=129):
+    """``history`` H on a strided [T, B] projection slice (the layers' layout): y and every gradient equal the
+    reference's over the whole input with its first H outputs dropped (the history rows still get the gradient of
+    their reads)."""
+    gen = torch.Generator().manual_seed(3)
+    projection = torch.randn(length, 2, channels + 3, generator=gen)
+    weight = torch.randn(channels, K, generator=gen) / K
+    b = torch.randn(channels, generator=gen) if bias else None
+    leaves = [t.to(device, dtype).requires_grad_() for t in (projection, weight, b) if t is not None]
+
+    def sliced(p):
+        return p[..., 1:channels + 1].transpose(0, 1)
+
+    def conv():
+        y = causal_conv1d(sliced(leaves[0]), *leaves[1:], *([None] * (not bias)), "silu", backend=backend,
+                          sections=sections, history=history)[0]
+        assert y.shape[:2] == (2, length - history)
+        assert backend != "triton" or sections == 1 or all(y[:, :, i].is_contiguous() for i in range(sections))
+        return y.flatten(2)
+
+    got = _value_and_grads(conv, leaves)
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    want = _value_and_grads(lambda: causal_conv1d_reference(sliced(wide[0]).contiguous(), *wide[1:],
+                                                            *([None] * (not bias)), "silu")[:, history:], wide)
+    _assert_matches(got, want, dtype, tol)
+
+
+@pytest.mark.parametrize("history", [1, 3])
+def test_history_rows_are_read_but_have_no_output(history):
+    _compare_history("torch", "cpu", torch.float64, FP64, history)
+    _compare_history("torch", "cpu", torch.float64, FP64, history, sections=3, bias=False)
+    x, w, _ = _tensors(2, 9, 4, torch.float64)
+    with pytest.raises(ValueError, match="history 9 must be shorter"):
+        causal_conv1d(x, w, history=9)
+    with pytest.raises(ValueError, match="no cu_seqlens or states"):
+        causal_conv1d(x, w, history=3, output_final_state=True)
+
+
+@needs_triton_kernels
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_KERNEL), (torch.bfloat16, 1e-2)])
+def test_triton_kernels_match_the_reference_with_history_rows(dtype, tol):
+    """History rows before tiles of outputs that are not multiples of the tiles (70 - H tokens, 129 channels)."""
+    for history in (1, 3, 5):
+        _compare_history("triton", TRITON_DEVICE, dtype, tol, history)
+    _compare_history("triton", TRITON_DEVICE, dtype, tol, 3, sections=3, bias=False, length=150)
+
+
 @needs_triton_kernels
 def test_triton_backend_refuses_states():
     x, w, _ = (t.detach().to(TRITON_DEVICE) for t in _tensors(2, 9, 4, torch.float32))
@@ -194,7 +241,7 @@ def test_triton_backend_refuses_states():
 def test_triton_kernels_under_the_interpreter():
     """Runs the kernel tests above in a subprocess under Triton's interpreter; they must pass, not skip."""
     summary = run_under_interpreter([__file__, "-k", "triton_kernels_match or triton_backend_refuses"])
-    assert re.search(r"\b5 passed", summary) and "skipped" not in summary, summary
+    assert re.search(r"\b7 passed", summary) and "skipped" not in summary, summary
 
 
 def test_document_index_of_each_position():

@@ -41,6 +41,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, dense_grad, mark_weight_norm
+from megatron_flash.layers.shared_prefix import join_shared_prefix, split_shared_prefix
 from megatron_flash.models.layout import initialize_as_full, split_sharded_sections, stack_sections
 from megatron_flash.ops.delta_rule import delta_rule
 from megatron_flash.ops.rms_norm import rms_norm
@@ -117,26 +118,42 @@ class DeltaNetMixer(MegatronModule):
         conv_init_(weight, self.conv_kernel)
 
     def forward(self, hidden_states: torch.Tensor, inputs: Optional[MixerInputs] = None) -> torch.Tensor:
+        prefix = inputs.shared_prefix if inputs is not None and self.config.share_meta_prefix_in_mixers else 0
+        if not prefix or hidden_states.shape[1] == 1:
+            return self._mix(hidden_states, inputs)[0]
+        # the meta prefix once (one column), then every column's text from the state it leaves; the text's rows
+        # start conv_kernel - 1 rows early, the prefix's last ones, which its short conv reads
+        shared, rest = split_shared_prefix(hidden_states, prefix, self.conv_kernel - 1)
+        out_shared, state = self._mix(shared, inputs, output_final_state=True)
+        out_rest, _ = self._mix(rest, inputs, history=self.conv_kernel - 1,
+                                initial_state=state.expand(rest.shape[1], *state.shape[1:]))
+        return join_shared_prefix(out_shared, out_rest)
+
+    def _mix(self, hidden_states, inputs, history=0, initial_state=None, output_final_state=False):
+        """The mixer over [s, b, h] whose first ``history`` rows are only the short conv's window (no output for
+        them), from ``initial_state``: (output [s - history, b, h], final state or None)."""
         d, heads = self.head_dim, self.heads_local
         projected, _ = self.in_proj(hidden_states)  # [s, b, 3*heads*d + heads]: full sequence, this rank's heads
-        seq, batch = projected.shape[:2]
+        batch = projected.shape[1]
+        seq = projected.shape[0] - history
         # split, not slices: backward writes the projection's gradient in one pass (one cat of two aligned pieces,
         # both dense: the conv writes qkv's so)
         qkv, beta = projected.split([3 * heads * d, heads], dim=-1)
-        beta = dense_grad(beta).transpose(0, 1).sigmoid()  # [b, s, heads]
+        beta = dense_grad(beta[history:]).transpose(0, 1).sigmoid()  # [b, s, heads]
         cu_seqlens = self._cu_seqlens(inputs, batch)
 
         # read in place on GPUs; out [b, s, 3, heads*d], stored section-major by the triton backend so that q, k
         # and v are each contiguous (fla's delta-rule kernels copy non-contiguous inputs)
         qkv, _ = causal_conv1d(qkv.transpose(0, 1), self.conv_weight, activation="silu", cu_seqlens=cu_seqlens,
-                               backend=self.config.short_conv_backend, sections=3)
+                               backend=self.config.short_conv_backend, sections=3, history=history)
         q, k, v = qkv.view(batch, seq, 3, heads, d).unbind(dim=2)
-        o, _ = delta_rule(q, k, v, beta, cu_seqlens=cu_seqlens, use_qk_l2norm=True,
-                          backend=self.config.delta_rule_backend)
+        o, final = delta_rule(q, k, v, beta, cu_seqlens=cu_seqlens, use_qk_l2norm=True,
+                              initial_state=initial_state, output_final_state=output_final_state,
+                              backend=self.config.delta_rule_backend)
         # normalized in [s, b] order: the norm writes the out-projection's layout itself (no transposing copy)
         o = self._o_norm(o.transpose(0, 1)).view(seq, batch, heads * d)
         out, _ = self.out_proj(o)
-        return out
+        return out, final
 
     def _o_norm(self, o: torch.Tensor) -> torch.Tensor:
         """RMSNorm over the head dim in fp32 (fla's o_norm), result in o's dtype."""

@@ -77,3 +77,37 @@ def apply_once_to_shared_prefix(fn: Callable[[torch.Tensor], torch.Tensor], x: t
         raise ValueError(f"shared prefix {prefix} must be shorter than the sequence ({x.shape[0]})")
     shared, rest = _SplitSharedPrefix.apply(x, prefix)
     return _JoinSharedPrefix.apply(fn(shared), fn(rest))
+
+
+class _SplitSharedPrefixWithHistory(torch.autograd.Function):
+    """x [s, b, h] -> (x[:m, :1], x[m - history:]), views: the rest starts ``history`` rows early (the shared rows'
+    last ones, which a causal conv of the rest reads); backward adds both gradients into one for x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, m: int, history: int):
+        ctx.m, ctx.history, ctx.shape = m, history, x.shape
+        return x[:m, :1], x[m - history:]
+
+    @staticmethod
+    def backward(ctx, grad_shared, grad_rest):
+        m, history = ctx.m, ctx.history
+        grad = grad_rest.new_empty(ctx.shape)
+        grad[:m - history].zero_()
+        grad[m - history:] = grad_rest
+        grad[:m, :1] += grad_shared
+        return grad, None, None
+
+
+def split_shared_prefix(x: torch.Tensor, prefix: int, history: int = 0):
+    """``(x[:prefix, :1], x[prefix - history:])`` for a mixer that runs the rows every column shares once and the
+    rest from the state they leave; the rest keeps ``history`` of the shared rows in front (a short conv's
+    window). Join the outputs with :func:`join_shared_prefix`."""
+    if not 0 <= history <= prefix < x.shape[0]:
+        raise ValueError(f"shared prefix {prefix} must be shorter than the sequence ({x.shape[0]}) and at least "
+                         f"the history {history}")
+    return _SplitSharedPrefixWithHistory.apply(x, prefix, history)
+
+
+def join_shared_prefix(shared: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """(shared [m, 1, ...], rest [s - m, b, ...]) -> [s, b, ...], the shared rows in every column."""
+    return _JoinSharedPrefix.apply(shared, rest)

@@ -130,12 +130,18 @@ def _resolve_backend(backend, x, with_states):
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, initial_state=None,
-                  output_final_state=False, backend="auto", *, sections: int = 1):
+                  output_final_state=False, backend="auto", *, sections: int = 1, history: int = 0):
     """Depthwise causal conv of x [B, T, C]. Returns (y [B, T, C], final_state [N, C, K] or None); with
-    ``sections`` S > 1 (dividing C), y is [B, T, S, C/S], each section contiguous on the triton backend."""
+    ``sections`` S > 1 (dividing C), y is [B, T, S, C/S], each section contiguous on the triton backend.
+    ``history`` H: x's first H rows are only the window of the later ones (a shared prefix's last rows, in place
+    of a state): y has T - H rows, and the history rows get the gradient of their reads."""
     channels = x.shape[-1]
     if sections < 1 or channels % sections:
         raise ValueError(f"sections {sections} must divide the {channels} channels")
+    if history and not 0 < history < x.shape[1]:
+        raise ValueError(f"history {history} must be shorter than the sequence ({x.shape[1]})")
+    if history and (cu_seqlens is not None or initial_state is not None or output_final_state):
+        raise ValueError("history rows take the place of an initial state: no cu_seqlens or states with them")
     backend = _resolve_backend(backend, x, initial_state is not None or output_final_state)
     if backend == "triton":
         if _triton_causal_conv1d is None:
@@ -143,7 +149,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, initia
         if initial_state is not None or output_final_state:
             raise ValueError("short-conv backend 'triton' takes no states: use 'fla' or 'torch'")
         _check_packed(cu_seqlens, x.shape[0])  # the bounds themselves stay on the device: reading them would sync
-        return _triton_causal_conv1d(x, weight, bias, _is_silu(activation), cu_seqlens, sections), None
+        return _triton_causal_conv1d(x, weight, bias, _is_silu(activation), cu_seqlens, sections, history), None
     if backend == "fla":
         if _fla_causal_conv1d is None:
             raise RuntimeError("short-conv backend 'fla' needs flash-linear-attention (pip install '.[gpu]')")
@@ -152,4 +158,5 @@ def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, initia
                                       cu_seqlens=cu_seqlens, backend="triton")
     else:
         y, final = _torch_causal_conv1d(x, weight, bias, activation, cu_seqlens, initial_state, output_final_state)
+    y = y[:, history:]
     return (y.unflatten(-1, (sections, channels // sections)) if sections > 1 else y), final

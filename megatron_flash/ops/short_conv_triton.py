@@ -55,11 +55,12 @@ def _pre_activation(x_b, w, b, u, first, valid_u, x_c, c, valid_c, stride_t,
 
 
 @triton.jit
-def _document_starts(starts, t, valid_t, BT: tl.constexpr, HAS_STARTS: tl.constexpr):
+def _document_starts(starts, t, valid_t, BT: tl.constexpr, HAS_STARTS: tl.constexpr, HISTORY: tl.constexpr):
+    """The first position each of ``t`` may read: its document's start, else -HISTORY (the history rows)."""
     if HAS_STARTS:
         first = tl.load(starts + t, mask=valid_t, other=0)
     else:
-        first = tl.zeros([BT], dtype=tl.int32)
+        first = tl.zeros([BT], dtype=tl.int32) - HISTORY
     return first
 
 
@@ -67,10 +68,12 @@ def _document_starts(starts, t, valid_t, BT: tl.constexpr, HAS_STARTS: tl.conste
 def _conv_pre_activation_kernel(x, w, b, starts, dy, out, T, C, stride_xb, stride_xt, stride_xc,
                                 stride_db, stride_dt, stride_dc, K: tl.constexpr, BT: tl.constexpr,
                                 BC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STARTS: tl.constexpr,
-                                SILU: tl.constexpr, GRAD: tl.constexpr, SECTION: tl.constexpr):
+                                SILU: tl.constexpr, GRAD: tl.constexpr, SECTION: tl.constexpr,
+                                HISTORY: tl.constexpr):
     """The pre-activation a of a tile of outputs, then into ``out``, laid out as a contiguous
     [C / SECTION, B, T, SECTION] (with SECTION = C: [B, T, C]): forward, act(a); with GRAD (backward),
-    dy * silu'(a), the gradient at the pre-activation. A tile's channels may straddle two sections."""
+    dy * silu'(a), the gradient at the pre-activation. A tile's channels may straddle two sections. Taps may read
+    the HISTORY rows before x's position 0."""
     pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     c = pid_c * BC + tl.arange(0, BC)
@@ -78,7 +81,7 @@ def _conv_pre_activation_kernel(x, w, b, starts, dy, out, T, C, stride_xb, strid
     valid = valid_t[:, None] & valid_c[None, :]
     x_b = x + pid_b.to(tl.int64) * stride_xb
     x_c = c.to(tl.int64) * stride_xc
-    first = _document_starts(starts, t, valid_t, BT, HAS_STARTS)
+    first = _document_starts(starts, t, valid_t, BT, HAS_STARTS, HISTORY)
     a = _pre_activation(x_b, w, b, t, first, valid_t, x_c, c, valid_c, stride_xt, K, BT, BC, HAS_BIAS)
     if GRAD:
         grad = tl.load(dy + pid_b.to(tl.int64) * stride_db + t.to(tl.int64)[:, None] * stride_dt
@@ -100,12 +103,13 @@ def _conv_pre_activation_kernel(x, w, b, starts, dy, out, T, C, stride_xb, strid
 def _conv_bwd_kernel(x, w, starts, g, dx, dw_part, db_part, T, C, n_t_tiles,
                      stride_xb, stride_xt, stride_xc, stride_gb, stride_gt, stride_gc, stride_dxb, stride_dxt,
                      K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_STARTS: tl.constexpr):
+                     HAS_STARTS: tl.constexpr, HISTORY: tl.constexpr):
     """With g the gradient of the pre-activation: dx[t] = sum_j w[K-1-j] * g[t+j] and the partial sums
     dw[K-1-j] = sum_t g[t+j] * x[t] over this tile's t (each pair (t, t+j) counted by the tile holding t), over
-    outputs t+j in t's document; bias partial sums from j = 0. Partials go to row ``pid_b * n_t_tiles + pid_t``."""
+    outputs t+j in t's document; bias partial sums from j = 0. Partials go to row ``pid_b * n_t_tiles + pid_t``.
+    The tiles cover x's positions from -HISTORY (the history rows, which have no outputs of their own)."""
     pid_t, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BT + tl.arange(0, BT)
+    t = pid_t * BT + tl.arange(0, BT) - HISTORY
     c = pid_c * BC + tl.arange(0, BC)
     valid_t, valid_c = t < T, c < C
     x_c = c.to(tl.int64) * stride_xc
@@ -117,7 +121,9 @@ def _conv_bwd_kernel(x, w, starts, g, dx, dw_part, db_part, T, C, n_t_tiles,
     for j in tl.static_range(K):
         u = t + j  # the outputs that read x[t], through tap K-1-j
         valid_u = u < T
-        first = _document_starts(starts, u, valid_u, BT, HAS_STARTS)
+        if HISTORY:  # x's history rows reach back past the first output
+            valid_u = valid_u & (u >= 0)
+        first = _document_starts(starts, u, valid_u, BT, HAS_STARTS, HISTORY)
         same_document = valid_u & (t >= first)
         g_u = tl.load(g_b + u.to(tl.int64)[:, None] * stride_gt + c[None, :] * stride_gc,
                       mask=same_document[:, None] & valid_c[None, :], other=0.0).to(tl.float32)
@@ -132,10 +138,12 @@ def _conv_bwd_kernel(x, w, starts, g, dx, dw_part, db_part, T, C, n_t_tiles,
 
 class ShortConvFunction(torch.autograd.Function):
     """y = act(causal depthwise conv of x [B, T, C]); x any strides. y is contiguous [B, T, C] for one section,
-    else [B, T, S, C/S] stored section-major."""
+    else [B, T, S, C/S] stored section-major. With ``history`` H, x's first H rows are only read: y has T - H
+    rows (the kernels see x from row H on, reading back to -H)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, silu, starts, sections):
+    def forward(ctx, x_in, weight, bias, silu, starts, sections, history):
+        x = x_in[:, history:]
         batch, length, channels = x.shape
         section = channels // sections
         if sections == 1:
@@ -149,29 +157,36 @@ class ShortConvFunction(torch.autograd.Function):
         _conv_pre_activation_kernel[grid](x, weight, bias, starts, None, y, length, channels, *x.stride(),
                                           0, 0, 0, K=weight.shape[1], BT=bt, BC=bc, HAS_BIAS=bias is not None,
                                           HAS_STARTS=starts is not None, SILU=silu, GRAD=False, SECTION=section,
-                                          num_warps=warps)
-        ctx.save_for_backward(x, weight, bias, starts)
-        ctx.silu = silu
+                                          HISTORY=history, num_warps=warps)
+        ctx.save_for_backward(x_in, weight, bias, starts)
+        ctx.silu, ctx.history = silu, history
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, starts = ctx.saved_tensors
+        x_in, weight, bias, starts = ctx.saved_tensors
+        history = ctx.history
+        x = x_in[:, history:]
         batch, length, channels = x.shape
         dy = dy.reshape(batch, length, channels)  # [B, T, S, C/S] with sections: a view when its layout allows
         k = weight.shape[1]
         bt, bc, warps = BWD_TILE
         n_t_tiles = triton.cdiv(length, bt)
         grid = (n_t_tiles, triton.cdiv(channels, bc), batch)
-        meta = dict(K=k, BT=bt, BC=bc, HAS_BIAS=bias is not None, HAS_STARTS=starts is not None, num_warps=warps)
+        meta = dict(K=k, BT=bt, BC=bc, HAS_BIAS=bias is not None, HAS_STARTS=starts is not None, HISTORY=history,
+                    num_warps=warps)
         g = dy
         if ctx.silu:  # the gradient of the pre-activation, from its recomputation
             g = torch.empty(batch, length, channels, dtype=dy.dtype, device=dy.device)
             _conv_pre_activation_kernel[grid](x, weight, bias, starts, dy, g, length, channels, *x.stride(),
                                               *dy.stride(), SILU=True, GRAD=True, SECTION=channels, **meta)
         # dx dense in x's order of batch and time (x may be a [T, B, ...] tensor seen as [B, T, C])
-        dx = (torch.empty(length, batch, channels, dtype=x.dtype, device=x.device).transpose(0, 1)
-              if x.stride(0) < x.stride(1) else torch.empty(batch, length, channels, dtype=x.dtype, device=x.device))
+        rows = length + history
+        dx_in = (torch.empty(rows, batch, channels, dtype=x.dtype, device=x.device).transpose(0, 1)
+                 if x.stride(0) < x.stride(1) else torch.empty(batch, rows, channels, dtype=x.dtype, device=x.device))
+        dx = dx_in[:, history:]  # the kernel writes the history rows' gradient before it
+        n_t_tiles = triton.cdiv(rows, bt)
+        grid = (n_t_tiles, triton.cdiv(channels, bc), batch)
         dw_part = torch.empty(batch * n_t_tiles, k, channels, dtype=torch.float32, device=x.device)
         db_part = (torch.empty(batch * n_t_tiles, channels, dtype=torch.float32, device=x.device)
                    if bias is not None else None)
@@ -179,17 +194,18 @@ class ShortConvFunction(torch.autograd.Function):
                                *x.stride(), *g.stride(), *dx.stride()[:2], **meta)
         dw = dw_part.sum(0).t().to(weight.dtype)
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None
-        return dx, dw, db, None, None, None
+        return dx_in, dw, db, None, None, None, None
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias, silu: bool, cu_seqlens,
-                         sections: int = 1) -> torch.Tensor:
+                         sections: int = 1, history: int = 0) -> torch.Tensor:
     """x [B, T, C] (any strides), weight [C, K], bias [C] or None; returns y [B, T, C], or with ``sections``
-    S > 1 (dividing C) y [B, T, S, C/S] with each ``y[:, :, i]`` contiguous."""
+    S > 1 (dividing C) y [B, T, S, C/S] with each ``y[:, :, i]`` contiguous. With ``history`` H, x's first H rows
+    are only the window of the others: y has T - H rows."""
     starts = None
     if cu_seqlens is not None:  # each position's document start, computed on the device without a sync
         bounds = cu_seqlens.to(device=x.device, dtype=torch.int32)
         starts = bounds[document_index(bounds, x.shape[1])]
     # the kernels index weight [C, K] and bias [C] as contiguous
     return ShortConvFunction.apply(x, weight.contiguous(), bias if bias is None else bias.contiguous(), silu, starts,
-                                   sections)
+                                   sections, history)
