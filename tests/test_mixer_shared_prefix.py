@@ -1,46 +1,56 @@
 """Mixers that run the meta prefix once (``config.share_meta_prefix_in_mixers``, layers/shared_prefix.py): with
-the same prefix rows in every column, the output, the input gradient and every parameter gradient equal the full
-computation's; at TP 1 and 2."""
+the same prefix rows in every column, the output, the input gradient (summed over the columns at the prefix rows,
+as it reaches the meta tokens) and every parameter gradient equal the full computation's; DeltaNet and Mamba2, at
+TP 1 and 2, the prefix longer and shorter than Mamba2's scan chunk."""
 
 import pytest
 import torch
 
 from megatron_flash.testing import init_layout_invariant, run_distributed
 
-from tests.test_deltanet_layer import HIDDEN, KERNEL, _config, _forward_backward_inputs, _mixer
+from tests import test_deltanet_layer, test_mamba2_layer
+from tests.test_deltanet_layer import _forward_backward_inputs
 
-SEQ, BATCH, PREFIX = 37, 3, 6
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(SEQ, BATCH, HIDDEN, generator=g)
-    x[:PREFIX] = x[:PREFIX, :1]  # the meta rows: the same in every column
-    return x, torch.randn(SEQ, BATCH, HIDDEN, generator=g)
+HIDDEN = test_deltanet_layer.HIDDEN
+assert test_mamba2_layer.HIDDEN == HIDDEN
+SEQ, BATCH = 37, 3
 
 
-def _run(share: bool):
+def _mixer(kind, share):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_flash.models.specs import mixer_spec
+
+    config = {"D": test_deltanet_layer._config, "M": test_mamba2_layer._config}[kind](
+        share_meta_prefix_in_mixers=share)
+    return build_module(mixer_spec(kind), config=config, layer_number=1)
+
+
+def _run(kind, prefix):
     from megatron_flash.layers.base import MixerInputs
 
-    mixer = _mixer(_config(share_meta_prefix_in_mixers=share))
-    init_layout_invariant(mixer)
-    x, out_weights = _inputs()
-    return _forward_backward_inputs(mixer, x, out_weights, MixerInputs(shared_prefix=PREFIX))
-
-
-def _both():
-    return _run(False), _run(True)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(SEQ, BATCH, HIDDEN, generator=g)
+    x[:prefix] = x[:prefix, :1]  # the meta rows: the same in every column
+    out_weights = torch.randn(SEQ, BATCH, HIDDEN, generator=g)
+    runs = []
+    for share in (False, True):
+        mixer = _mixer(kind, share)
+        init_layout_invariant(mixer)
+        runs.append(_forward_backward_inputs(mixer, x, out_weights, MixerInputs(shared_prefix=prefix)))
+    return runs
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_deltanet_runs_the_prefix_once_with_the_same_results(tp):
-    full, shared = run_distributed(_both, world_size=tp, tensor_model_parallel_size=tp)[0]
-    torch.testing.assert_close(shared["out"], full["out"], rtol=1e-5, atol=1e-6)
-    # the prefix rows' gradient: what reaches the meta tokens is its sum over the columns; only the last
-    # KERNEL - 1 rows (the text's conv window) get any in the other columns
-    torch.testing.assert_close(shared["x_grad"][PREFIX:], full["x_grad"][PREFIX:], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(shared["x_grad"][:PREFIX].sum(1), full["x_grad"][:PREFIX].sum(1), rtol=1e-5,
-                               atol=1e-6)
-    assert not shared["x_grad"][:PREFIX - KERNEL + 1, 1:].any()
+@pytest.mark.parametrize("kind,prefix", [("D", 6), ("M", 6), ("M", 21)])
+def test_the_prefix_once_gives_the_full_computations_results(kind, prefix, tp):
+    full, shared = run_distributed(_run, world_size=tp, tensor_model_parallel_size=tp, args=(kind, prefix))[0]
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared["out"], full["out"], **close)
+    torch.testing.assert_close(shared["x_grad"][prefix:], full["x_grad"][prefix:], **close)
+    torch.testing.assert_close(shared["x_grad"][:prefix].sum(1), full["x_grad"][:prefix].sum(1), **close)
+    # the other columns' prefix rows get a gradient only at the text's conv window (the last kernel - 1 rows)
+    assert not shared["x_grad"][:prefix - 3, 1:].any()
+    assert shared["grads"].keys() == full["grads"].keys()
     for name, grad in full["grads"].items():
-        torch.testing.assert_close(shared["grads"][name], grad, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(shared["grads"][name], grad, **close, msg=lambda m, name=name: f"{name}: {m}")

@@ -126,7 +126,7 @@ class DeltaNetMixer(MegatronModule):
         shared, rest = split_shared_prefix(hidden_states, prefix, self.conv_kernel - 1)
         out_shared, state = self._mix(shared, inputs, output_final_state=True)
         out_rest, _ = self._mix(rest, inputs, history=self.conv_kernel - 1,
-                                initial_state=state.expand(rest.shape[1], *state.shape[1:]))
+                                initial_state=state.expand(rest.shape[1], *state.shape[1:]).contiguous())
         return join_shared_prefix(out_shared, out_rest)
 
     def _mix(self, hidden_states, inputs, history=0, initial_state=None, output_final_state=False):

@@ -56,6 +56,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, dense_grad, mark_weight_norm
+from megatron_flash.layers.shared_prefix import join_shared_prefix, split_shared_prefix
 from megatron_flash.models.layout import initialize_as_full, split_sharded_sections, stack_sections
 from megatron_flash.ops.precision import at_least_fp32
 from megatron_flash.ops.rms_norm import gated_rms_norm
@@ -238,33 +239,49 @@ class Mamba2Mixer(MegatronModule):
     # ----------------------------------------------------------------------------------------------------------
 
     def forward(self, hidden_states: torch.Tensor, inputs: Optional[MixerInputs] = None) -> torch.Tensor:
+        prefix = inputs.shared_prefix if inputs is not None and self.config.share_meta_prefix_in_mixers else 0
+        if not prefix or hidden_states.shape[1] == 1:
+            return self._mix(hidden_states, inputs)[0]
+        # the meta prefix once (one column), then every column's text from the scan state it leaves; the text's
+        # rows start conv_kernel - 1 rows early, the prefix's last ones, which its short convs read
+        shared, rest = split_shared_prefix(hidden_states, prefix, self.conv_kernel - 1)
+        out_shared, state = self._mix(shared, inputs, output_final_state=True)
+        out_rest, _ = self._mix(rest, inputs, history=self.conv_kernel - 1,
+                                initial_state=state.expand(rest.shape[1], *state.shape[1:]).contiguous())
+        return join_shared_prefix(out_shared, out_rest)
+
+    def _mix(self, hidden_states, inputs, history=0, initial_state=None, output_final_state=False):
+        """The mixer over [s, b, h] whose first ``history`` rows are only the short convs' window (no output for
+        them), from the scan's ``initial_state``: (output [s - history, b, h], final scan state or None)."""
         P, N = self.head_dim, self.state_dim
         projected, _ = self.in_proj(hidden_states)  # [s, b, 2*inner_local + H_local]: full sequence, local heads
-        seq, batch = projected.shape[:2]
+        batch = projected.shape[1]
+        seq = projected.shape[0] - history
         # split, not three slices: backward then writes the projection's gradient in one pass (one cat), where
         # slices would each zero-fill and add a full-size tensor; z is read in place by the norm, x by the conv
         z, x, dt = projected.split([self.inner_local, self.inner_local, self.heads_local], dim=-1)
         # dt is used transposed: its gradient made dense keeps the split's cat vectorized (the conv writes x's and
         # the gated norm z's dense already)
-        dt = dense_grad(dt).transpose(0, 1)
+        dt = dense_grad(dt[history:]).transpose(0, 1)
         bc = self._project_bc(hidden_states).transpose(0, 1)  # [b, s, 2GN]
         cu_seqlens = self._cu_seqlens(inputs, seq, batch)
 
         x, _ = causal_conv1d(x.transpose(0, 1), self.conv_x_weight, self.conv_x_bias, activation="silu",
-                             cu_seqlens=cu_seqlens, backend=self.config.short_conv_backend)
+                             cu_seqlens=cu_seqlens, backend=self.config.short_conv_backend, history=history)
         bc, _ = causal_conv1d(bc, _summed_grad(self.conv_bc_weight, self.tp_group),
                               _summed_grad(self.conv_bc_bias, self.tp_group), activation="silu",
-                              cu_seqlens=cu_seqlens, backend=self.config.short_conv_backend)
+                              cu_seqlens=cu_seqlens, backend=self.config.short_conv_backend, history=history)
         first_group, end_group = self.group_range  # the groups this rank's heads read
         Bm, Cm = bc.view(batch, seq, 2, self.groups, N)[:, :, :, first_group:end_group].unbind(dim=2)
 
-        y, _ = ssd_scan(
+        y, final = ssd_scan(
             x.view(batch, seq, self.heads_local, P), F.softplus(at_least_fp32(dt) + at_least_fp32(self.dt_bias)),
             -torch.exp(at_least_fp32(self.A_log)), Bm, Cm, at_least_fp32(self.D),
-            chunk_size=self.config.mamba_chunk_size, cu_seqlens=cu_seqlens, backend=self.config.ssd_backend)
-        z = z.view(seq, batch, self.heads_local, P)
+            chunk_size=self.config.mamba_chunk_size, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=self.config.ssd_backend)
+        z = z[history:].view(seq, batch, self.heads_local, P)
         out, _ = self.out_proj(self._gated_rms_norm(y.transpose(0, 1), z).contiguous())
-        return out
+        return out, final
 
     def _project_bc(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """B and C for the full sequence from the replicated ``bc_proj_weight``, prepared as ColumnParallelLinear
