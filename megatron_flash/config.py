@@ -31,7 +31,9 @@ class NemotronFlashConfig(TransformerConfig):
     # the FFN computes the meta tokens' rows once per micro-batch (layers/shared_prefix.py): exact, since every
     # sequence starts with them; off for A/B measurements
     share_meta_rows: bool = True
-    share_meta_prefix_in_mixers: bool = False  # WIP: DeltaNet runs the meta prefix once (layers/shared_prefix.py)
+    # DeltaNet and Mamba2 run the meta prefix once per micro-batch and every sequence's text from the states it
+    # leaves (layers/shared_prefix.py): exact; off until measured on a GPU
+    share_meta_prefix_in_mixers: bool = False
     sliding_window: Optional[int] = None  # for 'S' layers
 
     # DeltaNet (fla's DeltaNet defaults): heads = num_attention_heads

@@ -14,13 +14,14 @@ per operation so that docs/performance.md can cite it:
 * depthwise convolutions: 2 * kernel per channel; norms, activations and softmax are not counted (as in the
   usual 6N accounting they are < 1%).
 
-The meta positions count for every sequence, except in the FFN when it computes them once per micro-batch
-(layers/shared_prefix.py): there they count once per ``micro_batch`` sequences.
+The meta positions count for every sequence, except in the layers that compute them once per micro-batch
+(layers/shared_prefix.py): there they count once per ``micro_batch`` sequences (the FFN), plus, in DeltaNet and
+Mamba2, the kernel - 1 rows of the text's conv window that each sequence reads again.
 """
 
 from __future__ import annotations
 
-from megatron_flash.layers.shared_prefix import shares_meta_rows
+from megatron_flash.layers.shared_prefix import meta_rows_shareable
 
 CHUNK = 64
 
@@ -42,32 +43,38 @@ def layer_flops_per_token(config, seq_length: int, micro_batch: int = 1, packed:
     """The decoder layers', per text token (meta positions are computed too, but only text tokens are counted)."""
     h = config.hidden_size
     total_len = seq_length + config.num_meta_tokens
-    ffn_len = (seq_length + config.num_meta_tokens / micro_batch
-               if shares_meta_rows(config, micro_batch, packed, training=True) else total_len)
-    flops = ffn_flops = 0.0
+    shareable = meta_rows_shareable(config, micro_batch, packed, training=True)
+    shared_len = seq_length + config.num_meta_tokens / micro_batch
+    ffn_len = shared_len if shareable and config.share_meta_rows else total_len
+
+    def mixer_len(kernel):  # rows a DeltaNet or Mamba2 layer computes per sequence
+        return shared_len + kernel - 1 if shareable and config.share_meta_prefix_in_mixers else total_len
+
+    flops = 0.0
     for char in config.layer_pattern:
         if char == "F":
-            ffn_flops += 2 * 3 * h * config.ffn_hidden_size
+            flops += 2 * 3 * h * config.ffn_hidden_size * ffn_len
         elif char in "AS":
             hd, nq, nkv = config.kv_channels, config.num_attention_heads, config.num_query_groups
-            flops += 2 * h * hd * (nq + 2 * nkv) + 2 * nq * hd * h
             context = (total_len + 1) / 2
             if char == "S" and config.sliding_window:
                 context = min(context, config.sliding_window)
-            flops += 2 * 2 * nq * hd * context
+            per_row = 2 * h * hd * (nq + 2 * nkv) + 2 * nq * hd * h + 2 * 2 * nq * hd * context
+            flops += per_row * total_len
         elif char == "D":
-            heads, d = config.deltanet_heads, config.deltanet_head_dim
-            flops += 2 * h * heads * (3 * d + 1) + 2 * heads * d * h
-            flops += 2 * config.deltanet_conv_kernel * 3 * heads * d
-            flops += heads * (6 * d * d + 2 * CHUNK * d)
+            heads, d, kernel = config.deltanet_heads, config.deltanet_head_dim, config.deltanet_conv_kernel
+            per_row = (2 * h * heads * (3 * d + 1) + 2 * heads * d * h + 2 * kernel * 3 * heads * d
+                       + heads * (6 * d * d + 2 * CHUNK * d))
+            flops += per_row * mixer_len(kernel)
         elif char == "M":
             inner, heads, p, n = config.mamba_inner_size, config.mamba_heads, config.mamba_head_dim, \
                 config.mamba_state_dim
-            groups = config.mamba_num_groups
-            flops += 2 * h * (2 * inner + heads + 2 * groups * n) + 2 * inner * h
-            flops += 2 * config.mamba_conv_kernel * (inner + 2 * groups * n)
-            flops += heads * (4 * p * n + 2 * config.mamba_chunk_size * (n + p))
-    return (flops * total_len + ffn_flops * ffn_len) / seq_length
+            groups, kernel = config.mamba_num_groups, config.mamba_conv_kernel
+            per_row = (2 * h * (2 * inner + heads + 2 * groups * n) + 2 * inner * h
+                       + 2 * kernel * (inner + 2 * groups * n)
+                       + heads * (4 * p * n + 2 * config.mamba_chunk_size * (n + p)))
+            flops += per_row * mixer_len(kernel)
+    return flops / seq_length
 
 
 def train_flops_per_token(config, vocab_size: int, seq_length: int, recompute_layers: bool = False,

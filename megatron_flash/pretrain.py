@@ -53,7 +53,7 @@ def build_model_and_optimizer(args, vocab_size: int):
         recompute_method="uniform" if args.recompute_activations else None,
         recompute_num_layers=1 if args.recompute_activations else None,
         recompute_logits=args.recompute_logits, gradient_accumulation_fusion=args.gradient_accumulation_fusion,
-        share_meta_rows=args.share_meta_rows,
+        share_meta_rows=args.share_meta_rows, share_meta_prefix_in_mixers=args.share_meta_prefix_in_mixers,
     )
     use_te = args.transformer_impl == "transformer_engine"
     if use_te and not specs.te_available():

@@ -1,7 +1,8 @@
 """Mixers that run the meta prefix once (``config.share_meta_prefix_in_mixers``, layers/shared_prefix.py): with
 the same prefix rows in every column, the output, the input gradient (summed over the columns at the prefix rows,
 as it reaches the meta tokens) and every parameter gradient equal the full computation's; DeltaNet and Mamba2, at
-TP 1 and 2, the prefix longer and shorter than Mamba2's scan chunk."""
+TP 1 and 2, the prefix longer and shorter than Mamba2's scan chunk. On a GPU also in bf16 with the default kernels
+(our Triton short conv with history rows, fla's delta rule, mamba_ssm's scan: initial and final states)."""
 
 import pytest
 import torch
@@ -16,13 +17,13 @@ assert test_mamba2_layer.HIDDEN == HIDDEN
 SEQ, BATCH = 37, 3
 
 
-def _mixer(kind, share):
+def _mixer(kind, share, **overrides):
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_flash.models.specs import mixer_spec
 
     config = {"D": test_deltanet_layer._config, "M": test_mamba2_layer._config}[kind](
-        share_meta_prefix_in_mixers=share)
+        share_meta_prefix_in_mixers=share, **overrides)
     return build_module(mixer_spec(kind), config=config, layer_number=1)
 
 
@@ -54,3 +55,39 @@ def test_the_prefix_once_gives_the_full_computations_results(kind, prefix, tp):
     assert shared["grads"].keys() == full["grads"].keys()
     for name, grad in full["grads"].items():
         torch.testing.assert_close(shared["grads"][name], grad, **close, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _run_on_gpu(kind, prefix, seq):
+    """Both ways in bf16 on the GPU with the default backends: output, input and parameter gradients."""
+    from megatron_flash.layers.base import MixerInputs
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(seq, BATCH, HIDDEN, generator=g)
+    x[:prefix] = x[:prefix, :1]
+    out_weights = torch.randn(seq, BATCH, HIDDEN, generator=g).cuda().bfloat16()
+    runs = []
+    for share in (False, True):
+        backends = dict(delta_rule_backend="auto") if kind == "D" else {}
+        mixer = _mixer(kind, share, params_dtype=torch.bfloat16, bf16=True, **backends).cuda()
+        init_layout_invariant(mixer)
+        xs = x.cuda().bfloat16().requires_grad_()
+        out = mixer(xs, MixerInputs(shared_prefix=prefix))
+        (out.float() * out_weights.float()).sum().backward()
+        grad = xs.grad.float()
+        runs.append({"out": out.float().cpu(), "x_grad_text": grad[prefix:].cpu(),
+                     "x_grad_prefix": grad[:prefix].sum(1).cpu(),
+                     "grads": {n: p.grad.float().cpu() for n, p in mixer.named_parameters()}})
+    return runs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU kernels' initial and final states")
+@pytest.mark.parametrize("kind", ["D", "M"])
+def test_the_prefix_once_on_the_gpu_kernels(kind):
+    full, shared = run_distributed(_run_on_gpu, world_size=1, args=(kind, 40, 300))[0]
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    errors = {key: rel(shared[key], full[key]) for key in ("out", "x_grad_text", "x_grad_prefix")}
+    errors.update({name: rel(shared["grads"][name], grad) for name, grad in full["grads"].items()})
+    assert max(errors.values()) < 2e-2, errors

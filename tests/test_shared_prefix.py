@@ -43,3 +43,23 @@ def test_nothing_to_share():
     assert torch.equal(apply_once_to_shared_prefix(torch.sin, x.expand(-1, 3, -1), 0), torch.sin(x).expand(-1, 3, -1))
     with pytest.raises(ValueError, match="shared prefix 4 must be shorter than the sequence"):
         apply_once_to_shared_prefix(torch.sin, x.expand(-1, 3, -1), 4)
+
+
+def test_split_with_history_rows_gives_one_gradient_for_both_reads():
+    """The rest starts ``history`` rows inside the prefix: those rows' gradient is the shared read's (column 0)
+    plus each column's own read."""
+    from megatron_flash.layers.shared_prefix import join_shared_prefix, split_shared_prefix
+
+    x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
+    shared, rest = split_shared_prefix(x, 4, history=2)
+    assert shared.shape == (4, 1, 2) and rest.shape == (4, 3, 2) and torch.equal(rest, x[2:])
+    (shared * 3).sum().backward(retain_graph=True)
+    (rest * 5).sum().backward()
+    want = torch.zeros_like(x)
+    want[:4, :1] = 3
+    want[2:] += 5
+    torch.testing.assert_close(x.grad, want)
+    joined = join_shared_prefix(shared, rest[2:])
+    assert torch.equal(joined[:4], x[:4, :1].expand(-1, 3, -1)) and torch.equal(joined[4:], x[4:])
+    with pytest.raises(ValueError, match="at least the history 5"):
+        split_shared_prefix(x, 4, history=5)

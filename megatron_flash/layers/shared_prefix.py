@@ -58,13 +58,19 @@ class _JoinSharedPrefix(torch.autograd.Function):
         return grad[:m].sum(1, keepdim=True), grad[m:]
 
 
-def shares_meta_rows(config, batch: int, packed: bool, training: bool) -> bool:
-    """Whether the FFN computes the meta tokens' rows once for a micro-batch of ``batch`` rows. Not where there is
+def meta_rows_shareable(config, batch: int, packed: bool, training: bool) -> bool:
+    """Whether a micro-batch of ``batch`` rows has meta rows that layers may compute once. Not where there is
     nothing to share (one row; packed documents, which are one row), where the rows differ (dropout in training),
     or where a TP rank holds a slice of the sequence (sequence parallelism: the meta rows are on the first rank)."""
-    return (config.share_meta_rows and config.num_meta_tokens > 0 and batch > 1 and not packed
-            and not config.sequence_parallel
+    return (config.num_meta_tokens > 0 and batch > 1 and not packed and not config.sequence_parallel
             and not (training and (config.hidden_dropout or config.attention_dropout)))
+
+
+def shares_meta_rows(config, batch: int, packed: bool, training: bool) -> bool:
+    """Whether some layer computes the meta rows once: the FFN (``config.share_meta_rows``), DeltaNet and Mamba2
+    (``config.share_meta_prefix_in_mixers``: the prefix once, then the text from its states)."""
+    return ((config.share_meta_rows or config.share_meta_prefix_in_mixers)
+            and meta_rows_shareable(config, batch, packed, training))
 
 
 def apply_once_to_shared_prefix(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
