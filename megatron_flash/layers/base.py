@@ -69,7 +69,7 @@ class MixerInputs:
     # Document boundaries for packed sequences (cu_seqlens over the full sequence, meta tokens included)
     packed_seq_params: Optional[PackedSeqParams] = None
     # The first ``shared_prefix`` positions hold the same values in every column of the batch (the meta tokens);
-    # position-wise mixers may compute them once (layers/shared_prefix.py). 0: nothing shared.
+    # the FFN, DeltaNet and Mamba2 may compute them once (layers/shared_prefix.py). 0: nothing shared.
     shared_prefix: int = 0
 
 

@@ -1,16 +1,19 @@
-"""Position-wise work on the rows that every sequence of a micro-batch shares, done once.
+"""Work on the rows that every sequence of a micro-batch shares, done once.
 
 Every sequence starts with the same meta tokens and every mixer is causal (and dropout-free), so the first ``m``
 positions of a [s, b, h] micro-batch hold the same values in every column at every layer. A position-wise mixer
-(the FFN) may compute them from column 0 alone and broadcast the result. That is exact: the broadcast's backward
-sums the columns' gradients into column 0, which is what the columns' separate, identical paths would have summed
-upstream (at the meta-token parameter).
+(the FFN: :func:`apply_once_to_shared_prefix`) may compute them from column 0 alone and broadcast the result. That
+is exact: the broadcast's backward sums the columns' gradients into column 0, which is what the columns' separate,
+identical paths would have summed upstream (at the meta-token parameter). A sequence mixer (DeltaNet, Mamba2 with
+``config.share_meta_prefix_in_mixers``) runs the shared rows once with its final state, and every column's rest
+from that state; the rest starts ``history`` rows early, the shared rows' last ones, which its short conv reads
+(:func:`split_shared_prefix`), and :func:`join_shared_prefix` puts the outputs back together.
 
-:func:`apply_once_to_shared_prefix` splits and joins with two autograd Functions that each copy the other rows
-once (the join in forward, the split in backward). Plain slicing and ``torch.cat`` cost about what the shared rows
-save: a slice's backward zero-fills a full-size gradient (two slices: two of them, then an add), and a ``cat``
-with the broadcast (stride-0) piece runs PyTorch's element-by-element kernel (session 16 measured that version at
--0.2..+0.1%; docs/performance.md).
+The split and the join are two autograd Functions that each copy the other rows once (the join in forward, the
+split in backward). Plain slicing and ``torch.cat`` cost about what the shared rows save: a slice's backward
+zero-fills a full-size gradient (two slices: two of them, then an add), and a ``cat`` with the broadcast (stride-0)
+piece runs PyTorch's element-by-element kernel (session 16 measured that version at -0.2..+0.1%;
+docs/performance.md).
 """
 
 from __future__ import annotations
@@ -21,22 +24,22 @@ import torch
 
 
 class _SplitSharedPrefix(torch.autograd.Function):
-    """x [s, b, h] -> (x[:m, :1], x[m:]), views; backward writes one gradient for x, zero at the other columns'
-    shared rows (their use went through column 0)."""
+    """x [s, b, h] -> (x[:m, :1], x[m - history:]), views: the rest starts ``history`` rows early (the shared rows'
+    last ones, which a causal conv of the rest reads); backward adds both gradients into one for x."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, m: int):
-        ctx.m, ctx.shape = m, x.shape
-        return x[:m, :1], x[m:]
+    def forward(ctx, x: torch.Tensor, m: int, history: int):
+        ctx.m, ctx.history, ctx.shape = m, history, x.shape
+        return x[:m, :1], x[m - history:]
 
     @staticmethod
-    def backward(ctx, grad_shared, grad_rest):  # unused outputs arrive as zeros (materialized gradients)
-        m = ctx.m
+    def backward(ctx, grad_shared, grad_rest):  # an unused output's gradient arrives as zeros (materialized)
+        m, history = ctx.m, ctx.history
         grad = grad_rest.new_empty(ctx.shape)
-        grad[:m].zero_()
-        grad[:m, :1] = grad_shared
-        grad[m:] = grad_rest
-        return grad, None
+        grad[:m - history].zero_()
+        grad[m - history:] = grad_rest
+        grad[:m, :1] += grad_shared
+        return grad, None, None
 
 
 class _JoinSharedPrefix(torch.autograd.Function):
@@ -79,29 +82,8 @@ def apply_once_to_shared_prefix(fn: Callable[[torch.Tensor], torch.Tensor], x: t
     those rows go through ``fn`` once, from column 0. ``prefix`` 0 (or one column) is plain ``fn(x)``."""
     if not prefix or x.shape[1] == 1:
         return fn(x)
-    if prefix >= x.shape[0]:
-        raise ValueError(f"shared prefix {prefix} must be shorter than the sequence ({x.shape[0]})")
-    shared, rest = _SplitSharedPrefix.apply(x, prefix)
-    return _JoinSharedPrefix.apply(fn(shared), fn(rest))
-
-
-class _SplitSharedPrefixWithHistory(torch.autograd.Function):
-    """x [s, b, h] -> (x[:m, :1], x[m - history:]), views: the rest starts ``history`` rows early (the shared rows'
-    last ones, which a causal conv of the rest reads); backward adds both gradients into one for x."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, m: int, history: int):
-        ctx.m, ctx.history, ctx.shape = m, history, x.shape
-        return x[:m, :1], x[m - history:]
-
-    @staticmethod
-    def backward(ctx, grad_shared, grad_rest):
-        m, history = ctx.m, ctx.history
-        grad = grad_rest.new_empty(ctx.shape)
-        grad[:m - history].zero_()
-        grad[m - history:] = grad_rest
-        grad[:m, :1] += grad_shared
-        return grad, None, None
+    shared, rest = split_shared_prefix(x, prefix)
+    return join_shared_prefix(fn(shared), fn(rest))
 
 
 def split_shared_prefix(x: torch.Tensor, prefix: int, history: int = 0):
@@ -111,7 +93,7 @@ def split_shared_prefix(x: torch.Tensor, prefix: int, history: int = 0):
     if not 0 <= history <= prefix < x.shape[0]:
         raise ValueError(f"shared prefix {prefix} must be shorter than the sequence ({x.shape[0]}) and at least "
                          f"the history {history}")
-    return _SplitSharedPrefixWithHistory.apply(x, prefix, history)
+    return _SplitSharedPrefix.apply(x, prefix, history)
 
 
 def join_shared_prefix(shared: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:

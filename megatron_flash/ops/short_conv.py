@@ -12,6 +12,10 @@ Backends:
 * ``torch`` (F.conv1d, any device).
 The loop in :func:`causal_conv1d_reference` is the definition all are tested against.
 
+``history`` H makes x's first H rows the window of the others only (a shared prefix's last rows, in place of a
+state: layers/shared_prefix.py): y has T - H rows. The ``triton`` kernels read back past their first output;
+the others compute the H rows' outputs and drop them.
+
 ``sections`` S > 1 returns y as [B, T, S, C/S], the channels cut into S equal sections (DeltaNet's q, k, v). The
 ``triton`` backend stores it section-major, so that each section ``y[:, :, i]`` is contiguous: fla's delta-rule
 kernels copy non-contiguous q, k and v first. The other backends return their [B, T, C] result unflattened.
