@@ -25,6 +25,7 @@ of its own (``in_proj.weight.q`` ...), so they load under any TP size:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -41,7 +42,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, dense_grad, mark_weight_norm
-from megatron_flash.layers.shared_prefix import join_shared_prefix, split_shared_prefix
+from megatron_flash.layers.shared_prefix import run_prefix_once
 from megatron_flash.models.layout import initialize_as_full, split_sharded_sections, stack_sections
 from megatron_flash.ops.delta_rule import delta_rule
 from megatron_flash.ops.rms_norm import rms_norm
@@ -118,18 +119,12 @@ class DeltaNetMixer(MegatronModule):
         conv_init_(weight, self.conv_kernel)
 
     def forward(self, hidden_states: torch.Tensor, inputs: Optional[MixerInputs] = None) -> torch.Tensor:
+        # with --share-meta-prefix: the meta prefix once, then every sequence's text from the state it leaves
         prefix = inputs.shared_prefix if inputs is not None and self.config.share_meta_prefix_in_mixers else 0
-        if not prefix or hidden_states.shape[1] == 1:
-            return self._mix(hidden_states, inputs)[0]
-        # the meta prefix once (one column), then every column's text from the state it leaves; the text's rows
-        # start conv_kernel - 1 rows early, the prefix's last ones, which its short conv reads
-        shared, rest = split_shared_prefix(hidden_states, prefix, self.conv_kernel - 1)
-        out_shared, state = self._mix(shared, inputs, output_final_state=True)
-        out_rest, _ = self._mix(rest, inputs, history=self.conv_kernel - 1,
-                                initial_state=state.expand(rest.shape[1], *state.shape[1:]).contiguous())
-        return join_shared_prefix(out_shared, out_rest)
+        return run_prefix_once(functools.partial(self._mix, inputs=inputs), hidden_states, prefix,
+                               self.conv_kernel - 1)
 
-    def _mix(self, hidden_states, inputs, history=0, initial_state=None, output_final_state=False):
+    def _mix(self, hidden_states, inputs=None, history=0, initial_state=None, output_final_state=False):
         """The mixer over [s, b, h] whose first ``history`` rows are only the short conv's window (no output for
         them), from ``initial_state``: (output [s - history, b, h], final state or None)."""
         d, heads = self.head_dim, self.heads_local

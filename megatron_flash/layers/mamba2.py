@@ -56,7 +56,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, dense_grad, mark_weight_norm
-from megatron_flash.layers.shared_prefix import join_shared_prefix, split_shared_prefix
+from megatron_flash.layers.shared_prefix import run_prefix_once
 from megatron_flash.models.layout import initialize_as_full, split_sharded_sections, stack_sections
 from megatron_flash.ops.precision import at_least_fp32
 from megatron_flash.ops.rms_norm import gated_rms_norm
@@ -239,18 +239,12 @@ class Mamba2Mixer(MegatronModule):
     # ----------------------------------------------------------------------------------------------------------
 
     def forward(self, hidden_states: torch.Tensor, inputs: Optional[MixerInputs] = None) -> torch.Tensor:
+        # with --share-meta-prefix: the meta prefix once, then every sequence's text from the scan state it leaves
         prefix = inputs.shared_prefix if inputs is not None and self.config.share_meta_prefix_in_mixers else 0
-        if not prefix or hidden_states.shape[1] == 1:
-            return self._mix(hidden_states, inputs)[0]
-        # the meta prefix once (one column), then every column's text from the scan state it leaves; the text's
-        # rows start conv_kernel - 1 rows early, the prefix's last ones, which its short convs read
-        shared, rest = split_shared_prefix(hidden_states, prefix, self.conv_kernel - 1)
-        out_shared, state = self._mix(shared, inputs, output_final_state=True)
-        out_rest, _ = self._mix(rest, inputs, history=self.conv_kernel - 1,
-                                initial_state=state.expand(rest.shape[1], *state.shape[1:]).contiguous())
-        return join_shared_prefix(out_shared, out_rest)
+        return run_prefix_once(functools.partial(self._mix, inputs=inputs), hidden_states, prefix,
+                               self.conv_kernel - 1)
 
-    def _mix(self, hidden_states, inputs, history=0, initial_state=None, output_final_state=False):
+    def _mix(self, hidden_states, inputs=None, history=0, initial_state=None, output_final_state=False):
         """The mixer over [s, b, h] whose first ``history`` rows are only the short convs' window (no output for
         them), from the scan's ``initial_state``: (output [s - history, b, h], final scan state or None)."""
         P, N = self.head_dim, self.state_dim

@@ -99,3 +99,17 @@ def split_shared_prefix(x: torch.Tensor, prefix: int, history: int = 0):
 def join_shared_prefix(shared: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
     """(shared [m, 1, ...], rest [s - m, b, ...]) -> [s, b, ...], the shared rows in every column."""
     return _JoinSharedPrefix.apply(shared, rest)
+
+
+def run_prefix_once(mix: Callable, hidden_states: torch.Tensor, prefix: int, history: int) -> torch.Tensor:
+    """A sequence mixer over [s, b, h] with the first ``prefix`` rows shared by every column: ``mix(x, history=H,
+    initial_state=S, output_final_state=F)`` -> (output of x's rows after the first H, final state or None) runs
+    the shared rows once, then every column's rest from the state they leave, reading ``history`` of the shared
+    rows again (its short conv's window). ``prefix`` 0 (or one column): ``mix`` over everything."""
+    if not prefix or hidden_states.shape[1] == 1:
+        return mix(hidden_states)[0]
+    shared, rest = split_shared_prefix(hidden_states, prefix, history)
+    out_shared, state = mix(shared, output_final_state=True)
+    # every column starts from the same state (contiguous: the scan kernels index their states densely)
+    out_rest, _ = mix(rest, history=history, initial_state=state.expand(rest.shape[1], *state.shape[1:]).contiguous())
+    return join_shared_prefix(out_shared, out_rest)
