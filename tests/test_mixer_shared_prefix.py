@@ -27,13 +27,13 @@ def _mixer(kind, share, **overrides):
     return build_module(mixer_spec(kind), config=config, layer_number=1)
 
 
-def _run(kind, prefix):
+def _run(kind, prefix, seq=SEQ):
     from megatron_flash.layers.base import MixerInputs
 
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(SEQ, BATCH, HIDDEN, generator=g)
+    x = torch.randn(seq, BATCH, HIDDEN, generator=g)
     x[:prefix] = x[:prefix, :1]  # the meta rows: the same in every column
-    out_weights = torch.randn(SEQ, BATCH, HIDDEN, generator=g)
+    out_weights = torch.randn(seq, BATCH, HIDDEN, generator=g)
     runs = []
     for share in (False, True):
         mixer = _mixer(kind, share)
@@ -58,36 +58,48 @@ def test_the_prefix_once_gives_the_full_computations_results(kind, prefix, tp):
 
 
 def _run_on_gpu(kind, prefix, seq):
-    """Both ways in bf16 on the GPU with the default backends: output, input and parameter gradients."""
+    """The full computation in fp32 on the CPU (the torch backends: the PyTorch reference), then both ways in
+    bf16 on the GPU with the default kernels: output, input gradient (text rows; prefix rows summed over the
+    columns) and parameter gradients of each."""
     from megatron_flash.layers.base import MixerInputs
 
     g = torch.Generator().manual_seed(11)
     x = torch.randn(seq, BATCH, HIDDEN, generator=g)
     x[:prefix] = x[:prefix, :1]
-    out_weights = torch.randn(seq, BATCH, HIDDEN, generator=g).cuda().bfloat16()
-    runs = []
-    for share in (False, True):
-        backends = dict(delta_rule_backend="auto") if kind == "D" else {}
-        mixer = _mixer(kind, share, params_dtype=torch.bfloat16, bf16=True, **backends).cuda()
+    out_weights = torch.randn(seq, BATCH, HIDDEN, generator=g)
+    runs = {}
+    for name, share, device in (("reference", False, "cpu"), ("full", False, "cuda"), ("shared", True, "cuda")):
+        gpu = device == "cuda"
+        overrides = dict(params_dtype=torch.bfloat16, bf16=True) if gpu else dict(short_conv_backend="torch")
+        if kind == "D":
+            overrides["delta_rule_backend"] = "auto" if gpu else "torch"
+        elif not gpu:
+            overrides["ssd_backend"] = "torch"
+        mixer = _mixer(kind, share, **overrides).to(device)
         init_layout_invariant(mixer)
-        xs = x.cuda().bfloat16().requires_grad_()
+        xs = x.to(device, mixer.in_proj.weight.dtype).detach().clone().requires_grad_()
         out = mixer(xs, MixerInputs(shared_prefix=prefix))
-        (out.float() * out_weights.float()).sum().backward()
+        (out.float() * out_weights.to(device)).sum().backward()
         grad = xs.grad.float()
-        runs.append({"out": out.float().cpu(), "x_grad_text": grad[prefix:].cpu(),
-                     "x_grad_prefix": grad[:prefix].sum(1).cpu(),
-                     "grads": {n: p.grad.float().cpu() for n, p in mixer.named_parameters()}})
+        runs[name] = {"out": out.float().cpu(), "x_grad_text": grad[prefix:].cpu(),
+                      "x_grad_prefix": grad[:prefix].sum(1).cpu(),
+                      **{n: p.grad.float().cpu() for n, p in mixer.named_parameters()}}
     return runs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU kernels' initial and final states")
 @pytest.mark.parametrize("kind", ["D", "M"])
-def test_the_prefix_once_on_the_gpu_kernels(kind):
-    full, shared = run_distributed(_run_on_gpu, world_size=1, args=(kind, 40, 300))[0]
+def test_the_prefix_once_on_the_gpu_kernels_matches_the_reference(kind):
+    """bf16 GPU kernels against the fp32 PyTorch reference: the shared way's output and input gradients within
+    bf16's error, and every result no further from the reference than twice the full way's. (Some parameter
+    gradients are sums that cancel: Mamba2's B/C conv and projection gradients are 13-39% off in bf16 either way,
+    as torch's bf16 CPU path showed on these inputs, so they get the relative bound only.)"""
+    runs = run_distributed(_run_on_gpu, world_size=1, args=(kind, 40, 300))[0]
+    reference = runs.pop("reference")
 
-    def rel(a, b):
-        return ((a - b).norm() / b.norm()).item()
+    def errors(run):
+        return {key: ((run[key] - want).norm() / want.norm()).item() for key, want in reference.items()}
 
-    errors = {key: rel(shared[key], full[key]) for key in ("out", "x_grad_text", "x_grad_prefix")}
-    errors.update({name: rel(shared["grads"][name], grad) for name, grad in full["grads"].items()})
-    assert max(errors.values()) < 2e-2, errors
+    full, shared = errors(runs["full"]), errors(runs["shared"])
+    assert max(shared[key] for key in ("out", "x_grad_text", "x_grad_prefix")) < 3e-2, shared
+    assert all(shared[key] <= 2 * full[key] + 1e-3 for key in shared), (shared, full)

@@ -63,3 +63,19 @@ def test_split_with_history_rows_gives_one_gradient_for_both_reads():
     assert torch.equal(joined[:4], x[:4, :1].expand(-1, 3, -1)) and torch.equal(joined[4:], x[4:])
     with pytest.raises(ValueError, match="at least the history 5"):
         split_shared_prefix(x, 4, history=5)
+
+
+def test_rows_from_drops_rows_and_adds_no_node_when_it_drops_none():
+    """The mixers' view of their rows after the conv window: the dropped rows get a zero gradient; with nothing
+    dropped (the default path, every training step) it is the tensor itself, so no slice's backward copies it."""
+    from megatron_flash.layers.base import rows_from
+
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    y = x * 2
+    assert rows_from(y, 0) is y
+    rows = rows_from(y, 2)
+    assert torch.equal(rows, y[2:])
+    rows.backward(torch.ones_like(rows))
+    want = torch.full_like(x, 2.0)
+    want[:2] = 0
+    torch.testing.assert_close(x.grad, want)

@@ -58,6 +58,26 @@ def dense_grad(piece: torch.Tensor) -> torch.Tensor:
     return _DenseGrad.apply(piece)
 
 
+class _RowsFrom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, first):
+        ctx.first, ctx.shape = first, tensor.shape
+        return tensor[first:]
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = grad.new_empty(ctx.shape)
+        full[:ctx.first].zero_()
+        full[ctx.first:] = grad
+        return full, None
+
+
+def rows_from(tensor: torch.Tensor, first: int) -> torch.Tensor:
+    """``tensor[first:]`` along dim 0, whose backward zero-fills only the ``first`` rows it drops (a slice's
+    zero-fills the whole gradient, then copies into it; a full slice ``t[0:]`` still does): ``tensor`` itself for 0."""
+    return _RowsFrom.apply(tensor, first) if first else tensor
+
+
 @dataclass
 class MixerInputs:
     """Per-forward inputs shared by all layers of the stack."""

@@ -41,7 +41,8 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, dense_grad, mark_weight_norm
+from megatron_flash.layers.base import (READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, dense_grad, mark_weight_norm,
+                                        rows_from)
 from megatron_flash.layers.shared_prefix import run_prefix_once
 from megatron_flash.models.layout import initialize_as_full, split_sharded_sections, stack_sections
 from megatron_flash.ops.delta_rule import delta_rule
@@ -134,7 +135,7 @@ class DeltaNetMixer(MegatronModule):
         # split, not slices: backward writes the projection's gradient in one pass (one cat of two aligned pieces,
         # both dense: the conv writes qkv's so)
         qkv, beta = projected.split([3 * heads * d, heads], dim=-1)
-        beta = dense_grad(beta[history:]).transpose(0, 1).sigmoid()  # [b, s, heads]
+        beta = dense_grad(rows_from(beta, history)).transpose(0, 1).sigmoid()  # [b, s, heads]
         cu_seqlens = self._cu_seqlens(inputs, batch)
 
         # read in place on GPUs; out [b, s, 3, heads*d], stored section-major by the triton backend so that q, k

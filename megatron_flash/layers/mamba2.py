@@ -55,7 +55,8 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from megatron_flash.layers.base import READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, dense_grad, mark_weight_norm
+from megatron_flash.layers.base import (READS_RESIDUAL, WRITES_RESIDUAL, MixerInputs, dense_grad, mark_weight_norm,
+                                        rows_from)
 from megatron_flash.layers.shared_prefix import run_prefix_once
 from megatron_flash.models.layout import initialize_as_full, split_sharded_sections, stack_sections
 from megatron_flash.ops.precision import at_least_fp32
@@ -256,7 +257,7 @@ class Mamba2Mixer(MegatronModule):
         z, x, dt = projected.split([self.inner_local, self.inner_local, self.heads_local], dim=-1)
         # dt is used transposed: its gradient made dense keeps the split's cat vectorized (the conv writes x's and
         # the gated norm z's dense already)
-        dt = dense_grad(dt[history:]).transpose(0, 1)
+        dt = dense_grad(rows_from(dt, history)).transpose(0, 1)
         bc = self._project_bc(hidden_states).transpose(0, 1)  # [b, s, 2GN]
         cu_seqlens = self._cu_seqlens(inputs, seq, batch)
 
@@ -273,7 +274,7 @@ class Mamba2Mixer(MegatronModule):
             -torch.exp(at_least_fp32(self.A_log)), Bm, Cm, at_least_fp32(self.D),
             chunk_size=self.config.mamba_chunk_size, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=self.config.ssd_backend)
-        z = z[history:].view(seq, batch, self.heads_local, P)
+        z = rows_from(z, history).view(seq, batch, self.heads_local, P)
         out, _ = self.out_proj(self._gated_rms_norm(y.transpose(0, 1), z).contiguous())
         return out, final
 

@@ -162,5 +162,5 @@ def causal_conv1d(x, weight, bias=None, activation=None, cu_seqlens=None, initia
                                       cu_seqlens=cu_seqlens, backend="triton")
     else:
         y, final = _torch_causal_conv1d(x, weight, bias, activation, cu_seqlens, initial_state, output_final_state)
-    y = y[:, history:]
+    y = y[:, history:] if history else y
     return (y.unflatten(-1, (sections, channels // sections)) if sections > 1 else y), final

@@ -99,7 +99,8 @@ def memory_gib() -> float:
 
 def memory_outside_allocator_gib() -> float:
     """GPU memory in use that PyTorch's allocator did not reserve (CUDA context, kernels' local memory, libraries'
-    own allocations): what limits the micro-batch beyond ``memory_gib``. NaN without a GPU."""
+    own allocations, and any other process on the same GPU): what limits the micro-batch beyond ``memory_gib``.
+    NaN without a GPU."""
     if not torch.cuda.is_available():
         return float("nan")
     free, total = torch.cuda.mem_get_info()
