@@ -65,6 +65,9 @@ def run_distributed(
     Raises RuntimeError with the failing rank's traceback, or on timeout (the processes are killed).
     """
     extra_env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    if torch.cuda.is_available() and world_size > torch.cuda.device_count():
+        # NCCL takes one GPU per rank: with fewer, the ranks run on the CPU with gloo, as on a machine without one
+        extra_env["CUDA_VISIBLE_DEVICES"] = ""
     with tempfile.TemporaryDirectory(prefix="mf_dist_") as outdir:
         ctx = mp.start_processes(
             _entry,
