@@ -32,8 +32,8 @@ class NemotronFlashConfig(TransformerConfig):
     # sequence starts with them; off for A/B measurements
     share_meta_rows: bool = True
     # DeltaNet and Mamba2 run the meta prefix once per micro-batch and every sequence's text from the states it
-    # leaves (layers/shared_prefix.py): exact; off until measured on a GPU
-    share_meta_prefix_in_mixers: bool = False
+    # leaves (layers/shared_prefix.py): exact; off for A/B measurements
+    share_meta_prefix_in_mixers: bool = True
     sliding_window: Optional[int] = None  # for 'S' layers
 
     # DeltaNet (fla's DeltaNet defaults): heads = num_attention_heads

@@ -538,13 +538,13 @@ def test_sharing_the_meta_rows_changes_no_loss(reference):
     (4, 2, 2, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
 ], ids=["one-process", "tp2xpp2"])
 def test_the_meta_prefix_once_in_the_mixers_changes_no_loss(reference, world, tp, pp, extra):
-    """--share-meta-prefix: DeltaNet and Mamba2 run the meta tokens once per micro-batch of 2 and the text from
-    their states (layers/shared_prefix.py), on one process and across TP and PP stages: the same losses, fewer
-    FLOPs counted."""
-    run = _run(["--train-iters", "4", "--share-meta-prefix", *extra], world=world, tp=tp, pp=pp)[-1]
-    assert reference["share_meta_prefix_in_mixers"] is False and run["share_meta_prefix_in_mixers"] is True
+    """By default DeltaNet and Mamba2 run the meta tokens once per micro-batch of 2 and the text from their states
+    (layers/shared_prefix.py); --no-share-meta-prefix reaches the config and runs them per sequence, on one process
+    and across TP and PP stages: the same losses, more FLOPs counted."""
+    run = _run(["--train-iters", "4", "--no-share-meta-prefix", *extra], world=world, tp=tp, pp=pp)[-1]
+    assert reference["share_meta_prefix_in_mixers"] is True and run["share_meta_prefix_in_mixers"] is False
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
-    assert run["flops_per_token"] < reference["flops_per_token"]
+    assert run["flops_per_token"] > reference["flops_per_token"]
 
 
 def _train_counting_fused_wgrads(argv):

@@ -55,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-share-meta-rows", dest="share_meta_rows", action="store_false",
                    help="the FFN computes the meta tokens' rows for every sequence, instead of once per micro-batch "
                         "(they are the same in every sequence: layers/shared_prefix.py); the result is the same")
-    g.add_argument("--share-meta-prefix", dest="share_meta_prefix_in_mixers", action="store_true",
-                   help="DeltaNet and Mamba2 also run the meta tokens once per micro-batch, and each sequence's text "
-                        "from the states they leave (layers/shared_prefix.py); the result is the same. Not with "
-                        "sequence parallelism, packed documents or dropout (there they run per sequence)")
+    g.add_argument("--no-share-meta-prefix", dest="share_meta_prefix_in_mixers", action="store_false",
+                   help="DeltaNet and Mamba2 run the meta tokens for every sequence, instead of once per micro-batch "
+                        "with each sequence's text from the states they leave (layers/shared_prefix.py); the result "
+                        "is the same. Sequence parallelism, packed documents and dropout always run them per sequence")
     g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false",
                    help="weight gradients as bf16 tensors that megatron's DDP then adds into the fp32 main gradients, "
                         "instead of accumulated into them by the weight-gradient matmul itself (ops/wgrad.py)")
