@@ -15,11 +15,13 @@ per operation so that docs/performance.md can cite it:
   usual 6N accounting they are < 1%).
 
 The meta positions count for every sequence, except in the layers that compute them once per micro-batch
-(layers/shared_prefix.py): there they count once per ``micro_batch`` sequences (the FFN), plus, in DeltaNet and
-Mamba2, the kernel - 1 rows of the text's conv window that each sequence reads again.
+(layers/shared_prefix.py): there they count once per ``micro_batch`` sequences (the FFN), plus, in DeltaNet's and
+Mamba2's input projections, the kernel - 1 rows of the text's conv window that each sequence projects again.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from megatron_flash.layers.shared_prefix import meta_rows_shareable
 
@@ -39,6 +41,43 @@ def output_flops_per_token(config, vocab_size: int) -> float:
     return 2 * config.hidden_size * vocab_size
 
 
+class MixerRowFlops(NamedTuple):
+    """A DeltaNet or Mamba2 layer's forward FLOPs per row, by the rows they apply to."""
+    input_projections: float  # per row the layer projects
+    output_projection: float  # per row it outputs
+    sequence: float  # short convs and scan, per row it outputs
+
+
+def mixer_flops_per_row(config, char: str) -> MixerRowFlops:
+    """DeltaNet's (``char`` "D") or Mamba2's ("M"). A layer that runs the meta prefix once projects kernel - 1
+    rows more than it outputs per sequence: the text starts on the prefix's last rows, its short convs' window."""
+    h = config.hidden_size
+    if char == "D":
+        heads, d, kernel = config.deltanet_heads, config.deltanet_head_dim, config.deltanet_conv_kernel
+        return MixerRowFlops(input_projections=2 * h * heads * (3 * d + 1), output_projection=2 * heads * d * h,
+                             sequence=2 * kernel * 3 * heads * d + heads * (6 * d * d + 2 * CHUNK * d))
+    if char == "M":
+        inner, heads, p, n = config.mamba_inner_size, config.mamba_heads, config.mamba_head_dim, \
+            config.mamba_state_dim
+        groups, kernel = config.mamba_num_groups, config.mamba_conv_kernel
+        return MixerRowFlops(input_projections=2 * h * (2 * inner + heads + 2 * groups * n),
+                             output_projection=2 * inner * h,
+                             sequence=(2 * kernel * (inner + 2 * groups * n)
+                                       + heads * (4 * p * n + 2 * config.mamba_chunk_size * (n + p))))
+    raise ValueError(f"layer {char!r} is not a DeltaNet ('D') or Mamba2 ('M') layer")
+
+
+def mixer_rows(config, char: str, seq_length: int, micro_batch: int = 1, packed: bool = False):
+    """(rows projected, rows output) per sequence of a DeltaNet or Mamba2 layer, meta rows included: with the
+    prefix once per micro-batch, its share of the meta rows, and the kernel - 1 window rows projected again."""
+    total_len = seq_length + config.num_meta_tokens
+    if not (config.share_meta_prefix_in_mixers and meta_rows_shareable(config, micro_batch, packed, training=True)):
+        return total_len, total_len
+    kernel = config.deltanet_conv_kernel if char == "D" else config.mamba_conv_kernel
+    shared_len = seq_length + config.num_meta_tokens / micro_batch
+    return shared_len + kernel - 1, shared_len
+
+
 def layer_flops_per_token(config, seq_length: int, micro_batch: int = 1, packed: bool = False) -> float:
     """The decoder layers', per text token (meta positions are computed too, but only text tokens are counted)."""
     h = config.hidden_size
@@ -46,9 +85,6 @@ def layer_flops_per_token(config, seq_length: int, micro_batch: int = 1, packed:
     shareable = meta_rows_shareable(config, micro_batch, packed, training=True)
     shared_len = seq_length + config.num_meta_tokens / micro_batch
     ffn_len = shared_len if shareable and config.share_meta_rows else total_len
-
-    def mixer_len(kernel):  # rows a DeltaNet or Mamba2 layer computes per sequence
-        return shared_len + kernel - 1 if shareable and config.share_meta_prefix_in_mixers else total_len
 
     flops = 0.0
     for char in config.layer_pattern:
@@ -61,19 +97,10 @@ def layer_flops_per_token(config, seq_length: int, micro_batch: int = 1, packed:
                 context = min(context, config.sliding_window)
             per_row = 2 * h * hd * (nq + 2 * nkv) + 2 * nq * hd * h + 2 * 2 * nq * hd * context
             flops += per_row * total_len
-        elif char == "D":
-            heads, d, kernel = config.deltanet_heads, config.deltanet_head_dim, config.deltanet_conv_kernel
-            per_row = (2 * h * heads * (3 * d + 1) + 2 * heads * d * h + 2 * kernel * 3 * heads * d
-                       + heads * (6 * d * d + 2 * CHUNK * d))
-            flops += per_row * mixer_len(kernel)
-        elif char == "M":
-            inner, heads, p, n = config.mamba_inner_size, config.mamba_heads, config.mamba_head_dim, \
-                config.mamba_state_dim
-            groups, kernel = config.mamba_num_groups, config.mamba_conv_kernel
-            per_row = (2 * h * (2 * inner + heads + 2 * groups * n) + 2 * inner * h
-                       + 2 * kernel * (inner + 2 * groups * n)
-                       + heads * (4 * p * n + 2 * config.mamba_chunk_size * (n + p)))
-            flops += per_row * mixer_len(kernel)
+        elif char in "DM":
+            per_row = mixer_flops_per_row(config, char)
+            projected, output = mixer_rows(config, char, seq_length, micro_batch, packed)
+            flops += per_row.input_projections * projected + (per_row.output_projection + per_row.sequence) * output
     return flops / seq_length
 
 
