@@ -79,3 +79,44 @@ def test_rows_from_drops_rows_and_adds_no_node_when_it_drops_none():
     want = torch.full_like(x, 2.0)
     want[:2] = 0
     torch.testing.assert_close(x.grad, want)
+
+
+@pytest.mark.parametrize("norm_kind", ["ours", "other"])
+@pytest.mark.parametrize("pending_split,norm_split", [(True, True), (True, False), (False, True)])
+def test_add_and_norm_splits_and_joins_as_the_layers_would(norm_kind, pending_split, norm_split):
+    """layers.norm.add_and_norm with a mixer's output given split (PrefixSplit) and/or its norm asked for split:
+    the values and gradients of the plain add and norm, joined and split around it. Our RMSNorm does it in its
+    fused kernel, another norm (what the TE specs give) in separate steps."""
+    from megatron_flash.layers.norm import RMSNorm, add_and_norm
+    from megatron_flash.layers.shared_prefix import PrefixSplit, join_shared_prefix, split_shared_prefix
+
+    m, history, seq, batch, hidden = 4, 3, 9, 3, 5
+    gen = torch.Generator().manual_seed(3)
+    leaves = [torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+              for shape in ((seq, batch, hidden), (m, 1, hidden), (seq - m, batch, hidden))]
+    config = type("Config", (), {"params_dtype": torch.float64, "sequence_parallel": False})
+    norm = (RMSNorm(config, hidden) if norm_kind == "ours"
+            else torch.nn.RMSNorm(hidden, eps=1e-6, dtype=torch.float64))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=gen)
+
+    def run(fused):
+        for t in [*leaves, norm.weight]:
+            t.grad = None
+        x, shared, rest = leaves
+        pending = join_shared_prefix(shared, rest)
+        if fused:
+            total, normed = add_and_norm(norm, x, PrefixSplit(shared, rest) if pending_split else pending,
+                                         (m, history) if norm_split else None)
+            assert isinstance(normed, PrefixSplit) == norm_split
+        else:
+            total, normed = add_and_norm(norm, x, pending)
+        if norm_split and not fused:
+            normed = split_shared_prefix(normed, m, history)
+        outputs = [total, *normed[:2]] if norm_split else [total, normed]
+        cotangent_gen = torch.Generator().manual_seed(4)  # the same cotangents in both runs
+        sum((o * torch.randn(o.shape, generator=cotangent_gen, dtype=o.dtype)).sum() for o in outputs).backward()
+        return [o.detach() for o in outputs] + [t.grad.clone() for t in [*leaves, norm.weight]]
+
+    for got, want in zip(run(fused=True), run(fused=False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
