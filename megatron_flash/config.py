@@ -34,10 +34,6 @@ class NemotronFlashConfig(TransformerConfig):
     # DeltaNet and Mamba2 run the meta prefix once per micro-batch and every sequence's text from the states it
     # leaves (layers/shared_prefix.py): exact; off for A/B measurements
     share_meta_prefix_in_mixers: bool = True
-    # where a layer runs the meta rows once, its norm splits its input into those rows and the rest, and the next
-    # norm joins its output, in the norm's fused kernels (layers/shared_prefix.py); off: the layer splits and joins
-    # (a copy of the activations each way); the result is the same
-    prefix_split_in_norms: bool = True
     sliding_window: Optional[int] = None  # for 'S' layers
 
     # DeltaNet (fla's DeltaNet defaults): heads = num_attention_heads

@@ -54,7 +54,6 @@ def build_model_and_optimizer(args, vocab_size: int):
         recompute_num_layers=1 if args.recompute_activations else None,
         recompute_logits=args.recompute_logits, gradient_accumulation_fusion=args.gradient_accumulation_fusion,
         share_meta_rows=args.share_meta_rows, share_meta_prefix_in_mixers=args.share_meta_prefix_in_mixers,
-        prefix_split_in_norms=args.prefix_split_in_norms,
     )
     use_te = args.transformer_impl == "transformer_engine"
     if use_te and not specs.te_available():

@@ -202,28 +202,21 @@ def test_every_parameter_is_read_inside_its_modules_call(tied):
 
 # --- the meta tokens' rows computed once per micro-batch ------------------------------------------------------
 
-def _batch_and_its_rows_alone(in_ffn, in_mixers, in_norms=True):
+def _batch_and_its_rows_alone(in_ffn, in_mixers):
     """Per-token losses and the parameter gradients of their sum for a batch of 3 rows, then the same summed over
     the rows run one at a time (nothing shared); and the shared prefix the FFN mixers were given in each. The FFN
-    shares the meta rows with ``in_ffn``, DeltaNet and Mamba2 with ``in_mixers``; the norms split and join the
-    sharing layers' inputs and outputs with ``in_norms``."""
-    from megatron_flash.layers.deltanet import DeltaNetMixer
+    shares the meta rows with ``in_ffn``, DeltaNet and Mamba2 with ``in_mixers``."""
     from megatron_flash.layers.ffn import FFNMixer
-    from megatron_flash.layers.mamba2 import Mamba2Mixer
-    from megatron_flash.layers.shared_prefix import PrefixSplit
     from megatron_flash.models import builder
 
     spec = builder.resolve("tiny", layer_pattern="DFMFAF", use_cpu_initialization=True, share_meta_rows=in_ffn,
-                           share_meta_prefix_in_mixers=in_mixers, prefix_split_in_norms=in_norms)
+                           share_meta_prefix_in_mixers=in_mixers)
     model = builder.build_model(spec, SEQ).train()
     tokens = torch.randint(0, spec.vocab_size, (3, SEQ + 1), generator=torch.Generator().manual_seed(8))
-    prefixes, split_inputs = [], set()
+    prefixes = []
     for module in model.modules():
         if isinstance(module, FFNMixer):
             module.register_forward_pre_hook(lambda m, args: prefixes.append(args[1].shared_prefix))
-        if isinstance(module, (FFNMixer, DeltaNetMixer, Mamba2Mixer)):
-            module.register_forward_pre_hook(
-                lambda m, args: split_inputs.add(type(m).__name__) if isinstance(args[0], PrefixSplit) else None)
 
     def losses_and_grads(rows):
         model.zero_grad(set_to_none=True)
@@ -234,20 +227,16 @@ def _batch_and_its_rows_alone(in_ffn, in_mixers, in_norms=True):
     batched = losses_and_grads([slice(0, 3)])
     batched_prefixes, prefixes[:] = list(prefixes), []
     alone = losses_and_grads([slice(r, r + 1) for r in range(3)])
-    return batched, alone, batched_prefixes, prefixes, split_inputs, spec.config.num_meta_tokens
+    return batched, alone, batched_prefixes, prefixes, spec.config.num_meta_tokens
 
 
-@pytest.mark.parametrize("in_ffn,in_mixers,in_norms", [(True, True, True), (True, True, False), (True, False, True),
-                                                       (False, True, True), (False, False, True)],
-                         ids=["ffn-and-mixers", "ffn-and-mixers-split-by-layers", "ffn", "mixers", "none"])
-def test_meta_rows_computed_once_per_batch_equal_each_row_alone(in_ffn, in_mixers, in_norms):
-    (losses, grads), (ref_losses, ref_grads), shared, alone, split, meta = run_distributed(
-        _batch_and_its_rows_alone, world_size=1, args=(in_ffn, in_mixers, in_norms))[0]
+@pytest.mark.parametrize("in_ffn,in_mixers", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["ffn-and-mixers", "ffn", "mixers", "none"])
+def test_meta_rows_computed_once_per_batch_equal_each_row_alone(in_ffn, in_mixers):
+    (losses, grads), (ref_losses, ref_grads), shared, alone, meta = run_distributed(
+        _batch_and_its_rows_alone, world_size=1, args=(in_ffn, in_mixers))[0]
     # the batch's layers were given its meta rows to share (unless no layer shares them); a row alone had nothing
     assert set(shared) == ({meta} if in_ffn or in_mixers else {0}) and set(alone) == {0}
-    # the sharing layers got their inputs split by the norms, or split them themselves
-    expected = ({"FFNMixer"} if in_ffn else set()) | ({"DeltaNetMixer", "Mamba2Mixer"} if in_mixers else set())
-    assert split == (expected if in_norms else set())
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():  # fp32 sums in another order: absolute error scales with the largest entry

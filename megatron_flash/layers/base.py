@@ -8,11 +8,6 @@ ModuleSpec with ``(config, layer_number, submodules=...)`` and called as ``mixer
 * ``inputs``: :class:`MixerInputs`, what some mixers need beyond the hidden states;
 * returns a tensor of the same shape and sharding (the TP reduction of the output projection already done).
 
-A mixer that computes the rows every column shares once (layers/shared_prefix.py) says so with
-``shared_prefix_window``: how many of those rows its input's other rows need in front (its short conv's window; 0
-for the FFN), None where it does not. The layer's norm then hands it ``hidden_states`` as a ``PrefixSplit`` and it
-returns one (``config.prefix_split_in_norms``).
-
 Weight normalization (megatron_flash.training.weight_norm) finds the matrices to normalize through the
 ``weight_norm`` attribute a mixer sets on them: ``"rows"`` for a matrix that reads the residual stream, ``"cols"``
 for one that writes into it. Setting it where the matrix is created keeps that fact in one place.
@@ -123,15 +118,12 @@ class HybridLayer(MegatronModule):
         """The block with its residual add left to the next norm: returns ``(residual, mixer_out)``, whose sum is
         the block's output. ``pending`` is the previous block's ``mixer_out`` (None for a stage's first layer); it
         is added to ``residual`` in this block's norm kernel (layers.norm.add_and_norm), which saves the residual
-        stream a separate add each way. ``mixer_out`` is a ``PrefixSplit`` where the mixer took its input so."""
+        stream a separate add each way."""
         # A named range per layer type, so --profile can report forward time by layer type; only while profiling,
         # since a range costs ~5-15 us of host time even when nothing records it.
         profiling = torch.autograd.profiler._is_profiler_enabled
-        window = getattr(self.mixer, "shared_prefix_window", None)
-        split = ((inputs.shared_prefix, window)
-                 if self.config.prefix_split_in_norms and inputs.shared_prefix and window is not None else None)
         with torch.profiler.record_function(self.profiler_range) if profiling else contextlib.nullcontext():
-            residual, normed = add_and_norm(self.norm, residual, pending, split)
+            residual, normed = add_and_norm(self.norm, residual, pending)
             return residual, self.mixer(normed, inputs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):

@@ -75,8 +75,6 @@ class DeltaNetMixer(MegatronModule):
             raise ValueError(f"DeltaNet heads ({self.heads}) must be divisible by tensor-parallel size {tp_size}")
         self.heads_local = self.heads // tp_size
         self.conv_kernel = config.deltanet_conv_kernel
-        # the text's conv reads the prefix's last rows (layers/base.py)
-        self.shared_prefix_window = self.conv_kernel - 1 if config.share_meta_prefix_in_mixers else None
         d = self.head_dim
 
         self.in_proj = build_module(

@@ -26,7 +26,6 @@ class FFNMixer(MLP):
         stack_sections(fc1, [fc1.shape[0] // 2] * 2)
         mark_weight_norm(self.linear_fc1.weight, READS_RESIDUAL)
         mark_weight_norm(self.linear_fc2.weight, WRITES_RESIDUAL)
-        self.shared_prefix_window = 0 if config.share_meta_rows else None  # position-wise: no window (layers/base.py)
         if config.use_cpu_initialization and config.perform_initialization:
             # megatron draws the full [2*ffn, h] fc1 and splits it contiguously, so under TP each rank's gate/up
             # halves would come from other rows than at TP=1

@@ -183,8 +183,6 @@ class Mamba2Mixer(MegatronModule):
         self.hidden = config.hidden_size
         self.head_dim, self.state_dim = config.mamba_head_dim, config.mamba_state_dim
         self.groups, self.conv_kernel = config.mamba_num_groups, config.mamba_conv_kernel
-        # the text's convs read the prefix's last rows (layers/base.py)
-        self.shared_prefix_window = self.conv_kernel - 1 if config.share_meta_prefix_in_mixers else None
         self.inner = config.mamba_inner_size
         if self.inner % self.head_dim != 0:
             raise ValueError(f"mamba inner size {self.inner} must be a multiple of mamba_head_dim {self.head_dim}")

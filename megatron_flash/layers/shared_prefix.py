@@ -18,23 +18,9 @@ docs/performance.md).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
-
-
-class PrefixSplit(NamedTuple):
-    """A [s, b, ...] tensor whose first ``m`` rows are the same in every column, in two pieces: ``shared`` [m, 1,
-    ...], those rows once, and ``rest`` [s - m + history, b, ...], every column's other rows after ``history`` of
-    the shared rows' last ones (a short conv's window).
-
-    With ``config.prefix_split_in_norms`` the residual norms hand a mixer its input so and take its output so
-    (history 0): the norm's fused kernel then does the split and the join, where the mixer would copy the
-    activations once each way (layers.norm.add_and_norm)."""
-
-    shared: torch.Tensor
-    rest: torch.Tensor
-    history: int = 0
 
 
 class _SplitSharedPrefix(torch.autograd.Function):
@@ -90,13 +76,10 @@ def shares_meta_rows(config, batch: int, packed: bool, training: bool) -> bool:
             and meta_rows_shareable(config, batch, packed, training))
 
 
-def apply_once_to_shared_prefix(fn: Callable[[torch.Tensor], torch.Tensor], x, prefix: int):
+def apply_once_to_shared_prefix(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                                prefix: int) -> torch.Tensor:
     """``fn(x)`` for a position-wise ``fn`` whose input's first ``prefix`` rows are the same in every column:
-    those rows go through ``fn`` once, from column 0. ``prefix`` 0 (or one column) is plain ``fn(x)``. ``x`` a
-    :class:`PrefixSplit` (without history rows) gives its output as one."""
-    if isinstance(x, PrefixSplit):
-        _check_history(x, 0)
-        return PrefixSplit(fn(x.shared), fn(x.rest))
+    those rows go through ``fn`` once, from column 0. ``prefix`` 0 (or one column) is plain ``fn(x)``."""
     if not prefix or x.shape[1] == 1:
         return fn(x)
     shared, rest = split_shared_prefix(x, prefix)
@@ -118,35 +101,15 @@ def join_shared_prefix(shared: torch.Tensor, rest: torch.Tensor) -> torch.Tensor
     return _JoinSharedPrefix.apply(shared, rest)
 
 
-def joined(x):
-    """``x`` as one tensor: a :class:`PrefixSplit` (without history rows) joined, anything else as it is."""
-    if isinstance(x, PrefixSplit):
-        _check_history(x, 0)
-        return join_shared_prefix(x.shared, x.rest)
-    return x
-
-
-def _check_history(x: PrefixSplit, history: int) -> None:
-    if x.history != history:
-        raise ValueError(f"a split input with {x.history} history rows where {history} are needed")
-
-
-def run_prefix_once(mix: Callable, hidden_states, prefix: int, history: int):
+def run_prefix_once(mix: Callable, hidden_states: torch.Tensor, prefix: int, history: int) -> torch.Tensor:
     """A sequence mixer over [s, b, h] with the first ``prefix`` rows shared by every column: ``mix(x, history=H,
     initial_state=S, output_final_state=F)`` -> (output of x's rows after the first H, final state or None) runs
     the shared rows once, then every column's rest from the state they leave, reading ``history`` of the shared
-    rows again (its short conv's window). ``prefix`` 0 (or one column): ``mix`` over everything. ``hidden_states``
-    a :class:`PrefixSplit` (with ``history`` rows) is used as split, and the output returned unjoined."""
-    if isinstance(hidden_states, PrefixSplit):
-        _check_history(hidden_states, history)
-        shared, rest = hidden_states.shared, hidden_states.rest
-    elif not prefix or hidden_states.shape[1] == 1:
+    rows again (its short conv's window). ``prefix`` 0 (or one column): ``mix`` over everything."""
+    if not prefix or hidden_states.shape[1] == 1:
         return mix(hidden_states)[0]
-    else:
-        shared, rest = split_shared_prefix(hidden_states, prefix, history)
+    shared, rest = split_shared_prefix(hidden_states, prefix, history)
     out_shared, state = mix(shared, output_final_state=True)
     # every column starts from the same state (contiguous: the scan kernels index their states densely)
     out_rest, _ = mix(rest, history=history, initial_state=state.expand(rest.shape[1], *state.shape[1:]).contiguous())
-    if isinstance(hidden_states, PrefixSplit):
-        return PrefixSplit(out_shared, out_rest)
     return join_shared_prefix(out_shared, out_rest)

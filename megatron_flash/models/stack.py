@@ -14,7 +14,6 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron_flash import patterns
 from megatron_flash.layers.base import MixerInputs
 from megatron_flash.layers.norm import add_and_norm
-from megatron_flash.layers.shared_prefix import joined
 from megatron_flash.models import specs
 
 
@@ -68,17 +67,11 @@ class HybridStack(MegatronModule):
         # each layer returns its residual add undone, for the next norm to do in its kernel (HybridLayer.forward)
         residual, pending = hidden_states, None
         for layer in self.layers:
-            if recompute:  # keep only each layer's inputs (tensors: a split output joined); rerun it in backward
-                residual, pending = tensor_parallel.checkpoint(partial(_joined_output, layer, inputs), False,
-                                                               residual, pending)
+            if recompute:  # keep only each layer's inputs; rerun the layer in backward
+                residual, pending = tensor_parallel.checkpoint(partial(layer, inputs=inputs), False, residual, pending)
             else:
                 residual, pending = layer(residual, pending, inputs)
         if self.final_norm is not None:
             return add_and_norm(self.final_norm, residual, pending)[1]
         # the next pipeline stage receives one tensor
-        return residual if pending is None else residual + joined(pending)
-
-
-def _joined_output(layer, inputs, residual, pending):
-    residual, mixer_out = layer(residual, pending, inputs)
-    return residual, joined(mixer_out)
+        return residual if pending is None else residual + pending

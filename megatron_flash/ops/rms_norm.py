@@ -2,8 +2,7 @@
 torch.compile (ops/compile.py), the gated norm by our Triton kernels (ops/gated_rms_norm_triton.py).
 
 ``rms_norm(x, w) = x * rsqrt(mean(x^2) + eps) * w`` over the last dimension; ``add_rms_norm(x, d, w)`` is
-``(x + d, rms_norm(x + d, w))``, the residual add fused into the norm that reads its result (``add_rms_norm_split``:
-the same for rows that every column of a micro-batch shares, given and returned once: layers/shared_prefix.py);
+``(x + d, rms_norm(x + d, w))``, the residual add fused into the norm that reads its result;
 ``gated_rms_norm(y, z, w) = rms_norm(y * silu(z)) * w`` with y, z [..., heads, head_dim] (any strides: the kernels
 read views in place) flattened to [..., heads * head_dim] (contiguous) and normalized over groups of ``group_size``
 of those channels (mamba_ssm's ``RMSNormGated`` with ``norm_before_gate=False``); :func:`gated_rms_norm_reference`
@@ -13,8 +12,6 @@ backward is 6 passes over the 131072 x h matrix; fused, one each way.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,24 +47,6 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     separate pass). The sum is rounded to x's dtype before the norm reads it, as with the separate add."""
     total = x + delta
     return total, _rms_norm(total, weight, eps)
-
-
-@compiled_on_cuda
-def add_rms_norm_split(x: torch.Tensor, delta_shared: Optional[torch.Tensor], delta_rest: Optional[torch.Tensor],
-                       weight: torch.Tensor, eps: float, prefix: int, history: int):
-    """:func:`add_rms_norm` for a micro-batch x [s, b, h] whose first ``prefix`` rows are the same in every column,
-    with the delta in two pieces: its first ``m`` rows once, ``delta_shared`` [m, 1, h], and the rest, [s - m, b,
-    h] (both None: no delta). Returns ``(x + delta, normed)``; ``normed`` the norm's rows ``[:prefix]`` of column
-    0 and its rows ``[prefix - history:]`` (two tensors), or with ``prefix`` 0 the whole norm.
-
-    Compiled, the join of the delta's pieces and the norm's split (their backward: the sum over the columns, and
-    the gradients' add) happen in the add-and-norm kernels; apart they are a copy of the activations each way."""
-    total = x
-    if delta_shared is not None:
-        total = x + torch.cat([delta_shared.expand(-1, delta_rest.shape[1], -1), delta_rest])
-    if not prefix:
-        return total, _rms_norm(total, weight, eps)
-    return total, (_rms_norm(total[:prefix, :1], weight, eps), _rms_norm(total[prefix - history:], weight, eps))
 
 
 def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,

@@ -59,10 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DeltaNet and Mamba2 run the meta tokens for every sequence, instead of once per micro-batch "
                         "with each sequence's text from the states they leave (layers/shared_prefix.py); the result "
                         "is the same. Sequence parallelism, packed documents and dropout always run them per sequence")
-    g.add_argument("--no-prefix-split-in-norms", dest="prefix_split_in_norms", action="store_false",
-                   help="where a layer runs the meta rows once, it splits its input into them and the rest and joins "
-                        "its output itself (a copy of the activations each way), instead of the residual norms' "
-                        "fused kernels doing it (layers/shared_prefix.py); the result is the same")
     g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false",
                    help="weight gradients as bf16 tensors that megatron's DDP then adds into the fp32 main gradients, "
                         "instead of accumulated into them by the weight-gradient matmul itself (ops/wgrad.py)")
