@@ -134,6 +134,7 @@ def section_train(preset, micro_batch, extra=(), profile_dir=None, variant=()):
     last two."""
     from megatron_flash import pretrain
     from megatron_flash.training import arguments
+    from megatron_flash.training.loop_utils import memory_outside_allocator_gib, shrink_kernel_local_memory
 
     seq = 64 if SMOKE else 4096
     iters = 8 if ACCUMULATE == 1 else 4
@@ -152,6 +153,9 @@ def section_train(preset, micro_batch, extra=(), profile_dir=None, variant=()):
     out = {"preset": preset, "micro_batch": micro_batch, "accumulate": ACCUMULATE, "seq": seq,
            "ssd_backend": SSD_BACKEND, "train_args": " ".join([*TRAIN_ARGS, *variant]), **result["last_log"],
            "flops_per_token": result["flops_per_token"], "final_losses": result["losses"][-2:]}
+    if torch.cuda.is_available():  # how much of the memory outside the allocator is kernels' local memory
+        shrink_kernel_local_memory()
+        out["outside_allocator_gib_after_stack_reset"] = memory_outside_allocator_gib()
     if profile_dir:
         out["profile"] = result["profile"]
     return out

@@ -192,6 +192,17 @@ def test_memory_outside_the_allocator_excludes_what_the_allocator_reserves():
     del block
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA driver's stack limit")
+def test_shrinking_kernel_local_memory_sets_the_stack_limit():
+    from megatron_flash.training.loop_utils import memory_outside_allocator_gib, shrink_kernel_local_memory
+
+    torch.ones(8, device="cuda").sum().item()  # a context with a kernel launched
+    assert shrink_kernel_local_memory(4096) == 4096
+    before = memory_outside_allocator_gib()
+    assert shrink_kernel_local_memory() == 1024
+    assert memory_outside_allocator_gib() <= before + 0.01
+
+
 @pytest.mark.parametrize("world,tp,pp,extra", [
     (2, 2, 1, ["--tensor-model-parallel-size", "2"]),
     (2, 1, 2, ["--pipeline-model-parallel-size", "2"]),

@@ -107,6 +107,30 @@ def memory_outside_allocator_gib() -> float:
     return (total - free - torch.cuda.memory_reserved()) / 2**30
 
 
+# CUDA's per-thread stack limit (CU_LIMIT_STACK_SIZE) and its default
+STACK_SIZE_LIMIT, DEFAULT_STACK_BYTES = 0, 1024
+
+
+def shrink_kernel_local_memory(stack_bytes: int = DEFAULT_STACK_BYTES) -> int:
+    """Set the current CUDA context's per-thread stack to ``stack_bytes``; returns the limit the driver set.
+
+    The driver keeps local memory for every thread the GPU can hold at the largest stack any kernel launched so
+    far needed, growing it at launch and never shrinking it; setting the limit reallocates it (cuCtxSetLimit). So
+    after autotuning, which launches every candidate kernel (the worst spillers too), this hands back what only
+    those needed; later launches grow it again to what the kernels in use need. The hypothesis for the 8-14 GiB
+    ``memory_outside_allocator_gib`` measures (docs/performance.md, sessions 19-21)."""
+    import ctypes
+
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    torch.cuda.synchronize()  # makes the primary context current on this thread, and nothing runs on it
+    value = ctypes.c_size_t(0)
+    for rc in (libcuda.cuCtxSetLimit(STACK_SIZE_LIMIT, ctypes.c_size_t(stack_bytes)),
+               libcuda.cuCtxGetLimit(ctypes.byref(value), STACK_SIZE_LIMIT)):
+        if rc != 0:
+            raise RuntimeError(f"setting the CUDA stack limit to {stack_bytes} bytes failed: CUresult {rc}")
+    return value.value
+
+
 class ProgressLog:
     """Console lines and TensorBoard scalars, written by the logging rank only."""
 
