@@ -91,21 +91,23 @@ def section_runtime():
     return {"backend": torch.distributed.get_backend(), "device": str(device()), "losses": losses}
 
 
-def section_layers():
-    """Forward+backward time and peak memory of each layer type at 1B shapes (batch 8 x 4096 tokens, bf16)."""
+def section_layers(batch=None, seq=None):
+    """Forward+backward time and peak memory of each layer type at 1B shapes (batch 8 x 4096 tokens, bf16, unless
+    given: ``layers_b1_s256`` times each layer at the meta prefix's size, what the mixers run once per micro-batch
+    beside the text)."""
     from megatron_flash.layers.base import MixerInputs
     from megatron_flash.models import builder
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.spec_utils import build_module
     from megatron_flash.models import specs
 
-    batch, seq = (2, 64) if SMOKE else (8, 4096)
+    default_batch, default_seq = (2, 64) if SMOKE else (8, 4096)
+    batch, seq = batch or default_batch, seq or default_seq
     preset = "tiny" if SMOKE else "nemotron_flash_1b"
     rows = []
     for char, name in (("F", "FFN (SwiGLU)"), ("A", "attention (GQA, SDPA)"), ("D", "DeltaNet"),
                        ("M", "Mamba2")):
-        for backend in ((["torch_compile", "torch"] + (["fla"] if torch.cuda.is_available() else [])) if char == "M"
-                        else [None]):
+        for backend in (mamba2_backends() if char == "M" else [None]):
             spec = builder.resolve(preset, layer_pattern=char, params_dtype=torch.bfloat16, bf16=True,
                                    **({"ssd_backend": backend} if backend else {}))
             layer = build_module(specs.layer_spec(char), config=spec.config, layer_number=1).to(device())
@@ -126,6 +128,14 @@ def section_layers():
             rows.append({"layer": name, "backend": backend or "default", "fwd_bwd_ms": round(ms, 2),
                          "peak_gib": round(peak, 2), "tokens": batch * seq})
     return rows
+
+
+def mamba2_backends():
+    """The SSD backends this machine runs: mamba_ssm's and fla's kernels need a GPU (and mamba_ssm its package)."""
+    from megatron_flash.ops.ssd import mamba_ssm_available
+
+    gpu = torch.cuda.is_available()
+    return ["torch_compile", "torch"] + (["fla"] if gpu else []) + (["mamba_ssm"] if gpu and mamba_ssm_available() else [])
 
 
 def section_train(preset, micro_batch, extra=(), profile_dir=None, variant=()):
@@ -161,6 +171,8 @@ def section_train(preset, micro_batch, extra=(), profile_dir=None, variant=()):
     return out
 
 
+# the layers at another batch and sequence length: ``layers_b1_s256``
+LAYERS_SECTION = re.compile(r"layers_b(\d+)_s(\d+)$")
 TRAIN_SECTION = re.compile(r"(train|train_no_weight_norm|profile)_(1b|3b)_mbs(\d+)$")
 # the baselines at the 1B size, micro-batch N: fla at the 1B's shape (12 blocks, 923M parameters), or sized to its
 # parameter count (fla_sized: the FFN widened, 961M against 965M)
@@ -327,6 +339,7 @@ def main():
                                          "profile_1b_mbs4,train_3b_mbs2,gpt_mbs2,fla_mbs4",
                    help="comma-separated; each runs in its own process (unless --in-process) so one cannot starve "
                         "the next of memory. "
+                        "layers_bB_sS times the layers at batch B and sequence S (layers_b1_s256: the meta prefix). "
                         "Training sections are named (train|train_no_weight_norm|profile)_(1b|3b)_mbsN, "
                         "baselines (gpt|fla|fla_sized)_mbsN; any of them with _accM steps every M micro-batches "
                         "instead of --accumulate's")
@@ -384,6 +397,8 @@ def main():
                 value = train_section_variants(section, args.out, variants, args.rounds)
             elif TRAIN_SECTION.match(section):
                 value = train_section(section, args.out)
+            elif LAYERS_SECTION.match(section):
+                value = section_layers(*map(int, LAYERS_SECTION.match(section).groups()))
             elif BASELINE_SECTION.match(section):
                 kind, mbs = BASELINE_SECTION.match(section).groups()
                 value = (section_gpt_baseline(int(mbs)) if kind == "gpt"

@@ -108,3 +108,10 @@ def test_a_section_run_again_is_recorded_beside_the_first(tmp_path):
                                   "train_1b_mbs16_acc8#2": {"tokens_per_s": 2.0},
                                   "train_1b_mbs16_acc8#3": {"tokens_per_s": 3.0},
                                   "fla_sized_mbs8_acc16": {"tokens_per_s": 4.0}}
+
+
+def test_smoke_layers_section_at_another_batch_and_length(tmp_path):
+    """``layers_b1_s5``: every layer type timed at batch 1 and 5 tokens (the meta prefix's shape, scaled down)."""
+    (rows,) = _sections(tmp_path, ["layers_b1_s5"])
+    assert {r["layer"].split()[0] for r in rows} == {"FFN", "attention", "DeltaNet", "Mamba2"}
+    assert all(r["tokens"] == 5 and r["fwd_bwd_ms"] > 0 for r in rows)
