@@ -135,7 +135,8 @@ def mamba2_backends():
     from megatron_flash.ops.ssd import mamba_ssm_available
 
     gpu = torch.cuda.is_available()
-    return ["torch_compile", "torch"] + (["fla"] if gpu else []) + (["mamba_ssm"] if gpu and mamba_ssm_available() else [])
+    return (["torch_compile", "torch"] + (["fla"] if gpu else [])
+            + (["mamba_ssm"] if gpu and mamba_ssm_available() else []))
 
 
 def section_train(preset, micro_batch, extra=(), profile_dir=None, variant=()):
