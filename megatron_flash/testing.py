@@ -16,13 +16,13 @@ Used by the tests to check TP/PP/DP equivalence and by benchmarks; nothing leave
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
 import tempfile
 import time
 import traceback
+from unittest import mock
 
 import zlib
 
@@ -70,8 +70,9 @@ def run_distributed(
     # ranks must not see the GPU from birth: unpickling ``fn`` imports its module (fla, megatron), which may query
     # CUDA before _entry runs, and CUDA reads CUDA_VISIBLE_DEVICES only once
     hide_gpus = torch.cuda.is_available() and world_size > torch.cuda.device_count()
-    with tempfile.TemporaryDirectory(prefix="mf_dist_") as outdir, _environment(
-            {"CUDA_VISIBLE_DEVICES": ""} if hide_gpus else {}):
+    # (patch.dict sets the variable in this process while the ranks spawn and run, then restores it)
+    with tempfile.TemporaryDirectory(prefix="mf_dist_") as outdir, mock.patch.dict(
+            os.environ, {"CUDA_VISIBLE_DEVICES": ""} if hide_gpus else {}):
         ctx = mp.start_processes(
             _entry,
             args=(fn, args, world_size, runtime.free_port(), tensor_model_parallel_size,
@@ -96,21 +97,6 @@ def run_distributed(
             out = torch.load(os.path.join(outdir, f"rank{rank}.pt"), weights_only=False)
             results.append(out["result"])
         return results
-
-
-@contextlib.contextmanager
-def _environment(overrides: dict):
-    """``os.environ`` with ``overrides`` while the block runs (processes spawned in it inherit them)."""
-    saved = {name: os.environ.get(name) for name in overrides}
-    os.environ.update(overrides)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _first_error(outdir, world_size):

@@ -123,11 +123,13 @@ def shrink_kernel_local_memory(stack_bytes: int = DEFAULT_STACK_BYTES) -> int:
 
     libcuda = ctypes.CDLL("libcuda.so.1")
     torch.cuda.synchronize()  # makes the primary context current on this thread, and nothing runs on it
+    rc = libcuda.cuCtxSetLimit(STACK_SIZE_LIMIT, ctypes.c_size_t(stack_bytes))
+    if rc != 0:
+        raise RuntimeError(f"cuCtxSetLimit(CU_LIMIT_STACK_SIZE, {stack_bytes}) failed: CUresult {rc}")
     value = ctypes.c_size_t(0)
-    for rc in (libcuda.cuCtxSetLimit(STACK_SIZE_LIMIT, ctypes.c_size_t(stack_bytes)),
-               libcuda.cuCtxGetLimit(ctypes.byref(value), STACK_SIZE_LIMIT)):
-        if rc != 0:
-            raise RuntimeError(f"setting the CUDA stack limit to {stack_bytes} bytes failed: CUresult {rc}")
+    rc = libcuda.cuCtxGetLimit(ctypes.byref(value), STACK_SIZE_LIMIT)
+    if rc != 0:
+        raise RuntimeError(f"cuCtxGetLimit(CU_LIMIT_STACK_SIZE) failed: CUresult {rc}")
     return value.value
 
 
