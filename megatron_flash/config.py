@@ -34,6 +34,9 @@ class NemotronFlashConfig(TransformerConfig):
     # DeltaNet and Mamba2 run the meta prefix once per micro-batch and every sequence's text from the states it
     # leaves (layers/shared_prefix.py): exact; off for A/B measurements
     share_meta_prefix_in_mixers: bool = True
+    # in training, the layers above take their meta rows' results from one pass per optimizer step instead of
+    # computing them in every micro-batch (layers/shared_prefix.py: MetaPrefix): exact
+    meta_prefix_once_per_step: bool = False
     sliding_window: Optional[int] = None  # for 'S' layers
 
     # DeltaNet (fla's DeltaNet defaults): heads = num_attention_heads

@@ -16,7 +16,10 @@ per operation so that docs/performance.md can cite it:
 
 The meta positions count for every sequence, except in the layers that compute them once per micro-batch
 (layers/shared_prefix.py): there they count once per ``micro_batch`` sequences (the FFN), plus, in DeltaNet's and
-Mamba2's input projections, the kernel - 1 rows of the text's conv window that each sequence projects again.
+Mamba2's input projections, the kernel - 1 rows of the text's conv window that each sequence projects again; once
+per ``micro_batch * prefix_microbatches`` sequences where an optimizer step of ``prefix_microbatches``
+micro-batches computes them once (MetaPrefix; that pass's attention over the meta rows, once per step, is not
+counted).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ CHUNK = 64
 
 
 def forward_flops_per_token(config, vocab_size: int, seq_length: int, micro_batch: int = 1,
-                            packed: bool = False) -> float:
+                            packed: bool = False, prefix_microbatches: int = 1) -> float:
     """Forward FLOPs per (text) token at sequence length ``seq_length`` (meta tokens add their share) in training
-    micro-batches of ``micro_batch`` rows (packed: one row of documents)."""
-    return (layer_flops_per_token(config, seq_length, micro_batch, packed)
+    micro-batches of ``micro_batch`` rows (packed: one row of documents), ``prefix_microbatches`` of them sharing
+    one computation of the meta prefix."""
+    return (layer_flops_per_token(config, seq_length, micro_batch, packed, prefix_microbatches)
             + output_flops_per_token(config, vocab_size))
 
 
@@ -67,23 +71,26 @@ def mixer_flops_per_row(config, char: str) -> MixerRowFlops:
     raise ValueError(f"layer {char!r} is not a DeltaNet ('D') or Mamba2 ('M') layer")
 
 
-def mixer_rows(config, char: str, seq_length: int, micro_batch: int = 1, packed: bool = False):
+def mixer_rows(config, char: str, seq_length: int, micro_batch: int = 1, packed: bool = False,
+               prefix_microbatches: int = 1):
     """(rows projected, rows output) per sequence of a DeltaNet or Mamba2 layer, meta rows included: with the
-    prefix once per micro-batch, its share of the meta rows, and the kernel - 1 window rows projected again."""
+    prefix once per micro-batch (or per ``prefix_microbatches`` of them), its share of the meta rows, and the
+    kernel - 1 window rows projected again."""
     total_len = seq_length + config.num_meta_tokens
     if not (config.share_meta_prefix_in_mixers and meta_rows_shareable(config, micro_batch, packed, training=True)):
         return total_len, total_len
     kernel = config.deltanet_conv_kernel if char == "D" else config.mamba_conv_kernel
-    shared_len = seq_length + config.num_meta_tokens / micro_batch
+    shared_len = seq_length + config.num_meta_tokens / (micro_batch * prefix_microbatches)
     return shared_len + kernel - 1, shared_len
 
 
-def layer_flops_per_token(config, seq_length: int, micro_batch: int = 1, packed: bool = False) -> float:
+def layer_flops_per_token(config, seq_length: int, micro_batch: int = 1, packed: bool = False,
+                          prefix_microbatches: int = 1) -> float:
     """The decoder layers', per text token (meta positions are computed too, but only text tokens are counted)."""
     h = config.hidden_size
     total_len = seq_length + config.num_meta_tokens
     shareable = meta_rows_shareable(config, micro_batch, packed, training=True)
-    shared_len = seq_length + config.num_meta_tokens / micro_batch
+    shared_len = seq_length + config.num_meta_tokens / (micro_batch * prefix_microbatches)
     ffn_len = shared_len if shareable and config.share_meta_rows else total_len
 
     flops = 0.0
@@ -99,15 +106,16 @@ def layer_flops_per_token(config, seq_length: int, micro_batch: int = 1, packed:
             flops += per_row * total_len
         elif char in "DM":
             per_row = mixer_flops_per_row(config, char)
-            projected, output = mixer_rows(config, char, seq_length, micro_batch, packed)
+            projected, output = mixer_rows(config, char, seq_length, micro_batch, packed, prefix_microbatches)
             flops += per_row.input_projections * projected + (per_row.output_projection + per_row.sequence) * output
     return flops / seq_length
 
 
 def train_flops_per_token(config, vocab_size: int, seq_length: int, recompute_layers: bool = False,
-                          recompute_logits: bool = False, micro_batch: int = 1, packed: bool = False) -> float:
+                          recompute_logits: bool = False, micro_batch: int = 1, packed: bool = False,
+                          prefix_microbatches: int = 1) -> float:
     """Forward, two backward passes, and the recomputed forwards: layer recompute reruns the decoder layers only
     (megatron's checkpointing wraps the layers, not the output layer)."""
-    return (3.0 * forward_flops_per_token(config, vocab_size, seq_length, micro_batch, packed)
+    return (3.0 * forward_flops_per_token(config, vocab_size, seq_length, micro_batch, packed, prefix_microbatches)
             + (layer_flops_per_token(config, seq_length, micro_batch, packed) if recompute_layers else 0.0)
             + (output_flops_per_token(config, vocab_size) if recompute_logits else 0.0))

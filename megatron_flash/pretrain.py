@@ -21,6 +21,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_flash import flops, runtime
+from megatron_flash.layers import shared_prefix
 from megatron_flash.models import builder, specs
 from megatron_flash.models.packing import document_boundaries_from_eod
 from megatron_flash.ops import wgrad
@@ -54,6 +55,7 @@ def build_model_and_optimizer(args, vocab_size: int):
         recompute_num_layers=1 if args.recompute_activations else None,
         recompute_logits=args.recompute_logits, gradient_accumulation_fusion=args.gradient_accumulation_fusion,
         share_meta_rows=args.share_meta_rows, share_meta_prefix_in_mixers=args.share_meta_prefix_in_mixers,
+        meta_prefix_once_per_step=args.meta_prefix_once_per_step,
     )
     use_te = args.transformer_impl == "transformer_engine"
     if use_te and not specs.te_available():
@@ -113,14 +115,15 @@ def build_data(args, seed: int):
     return tokenizer, train, valid
 
 
-def forward_step(eod, data_iterator, ddp_model):
+def forward_step(eod, meta_prefix, data_iterator, ddp_model):
     """megatron schedule callback: one micro-batch -> (per-token losses, loss reduction).
 
     With ``eod`` (--reset-attention-mask) the micro-batch is one packed row whose documents end at EOD tokens.
+    ``meta_prefix``: the step's meta prefix, computed once (layers/shared_prefix.py: MetaPrefix), or None.
     """
     batch = next(data_iterator)
     if eod is None:
-        losses = ddp_model(batch["tokens"], labels=batch["labels"])
+        losses = ddp_model(batch["tokens"], labels=batch["labels"], meta_prefix=meta_prefix)
     else:
         batch = {k: v.reshape(1, -1) for k, v in batch.items()}
         losses = ddp_model(batch["tokens"], labels=batch["labels"],
@@ -134,13 +137,21 @@ def forward_step(eod, data_iterator, ddp_model):
     return losses, loss_func
 
 
+def meta_prefix_once_per_step(config, args) -> bool:
+    """Whether each optimizer step computes the meta prefix once for all its micro-batches."""
+    return shared_prefix.meta_prefix_once_per_step(config, args.micro_batch_size, args.reset_attention_mask,
+                                                   args.pipeline_model_parallel_size)
+
+
 def run_batches(args, ddp, dataset, first_sample: int, forward_only: bool,
                 exit_requested: bool = False) -> tuple[float, bool]:
     """Forward (and backward) over one global batch; returns the batch's mean loss and whether any rank asked to
     exit (``exit_requested`` is this rank's say), both the same on every rank."""
     eod = dataset.config.tokenizer.eod if args.reset_attention_mask else None
+    meta_prefix = (ddp.module.meta_prefix_once(args.num_microbatches)
+                   if not forward_only and meta_prefix_once_per_step(ddp.module.config, args) else None)
     results = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, eod), model=[ddp],
+        forward_step_func=partial(forward_step, eod, meta_prefix), model=[ddp],
         data_iterator=microbatches(dataset, first_sample, args.micro_batch_size, args.num_microbatches),
         num_microbatches=args.num_microbatches, seq_length=args.seq_length + ddp.module.num_meta_tokens,
         micro_batch_size=args.micro_batch_size, forward_only=forward_only)
@@ -185,7 +196,9 @@ def train(args, step_callback=None) -> dict:
     tokens_per_iter = args.global_batch_size * args.seq_length
     flops_per_iter = tokens_per_iter * flops.train_flops_per_token(
         spec.config, model.padded_vocab_size, args.seq_length, args.recompute_activations,
-        args.recompute_logits, args.micro_batch_size, packed=args.reset_attention_mask) / dist.get_world_size()
+        args.recompute_logits, args.micro_batch_size, packed=args.reset_attention_mask,
+        prefix_microbatches=args.num_microbatches if meta_prefix_once_per_step(spec.config, args) else 1,
+    ) / dist.get_world_size()
     progress = ProgressLog(args.tensorboard_dir, args.log_interval, tokens_per_iter, flops_per_iter,
                            peak_flops_per_second())
     exit_signal = ExitSignal()

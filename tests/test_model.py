@@ -244,6 +244,55 @@ def test_meta_rows_computed_once_per_batch_equal_each_row_alone(in_ffn, in_mixer
                                    msg=lambda m, n=name: f"gradient of {n}: {m}")
 
 
+def _microbatches_with_the_meta_prefix_once(in_ffn, in_mixers, tp):
+    """Per-token losses and accumulated parameter gradients of three micro-batches of 2 rows, run forward then
+    backward one after another as megatron's schedule does: each computing its meta rows, then all three reading
+    one MetaPrefix; and the errors that misuse of a MetaPrefix raises."""
+    from megatron_flash.models import builder
+
+    spec = builder.resolve("tiny", layer_pattern="DFMFAF", use_cpu_initialization=True, share_meta_rows=in_ffn,
+                           share_meta_prefix_in_mixers=in_mixers, tensor_model_parallel_size=tp)
+    model = builder.build_model(spec, SEQ).train()
+    tokens = torch.randint(0, spec.vocab_size, (3, 2, SEQ + 1), generator=torch.Generator().manual_seed(9))
+
+    def run(once):
+        model.zero_grad(set_to_none=True)
+        meta_prefix = model.meta_prefix_once(len(tokens)) if once else None
+        losses = []
+        for batch in tokens:
+            loss = model(batch[:, :-1], labels=batch[:, 1:], meta_prefix=meta_prefix)
+            loss.float().sum().backward()
+            losses.append(loss.detach())
+        return torch.cat(losses), {n: p.grad.clone() for n, p in model.named_parameters()}, meta_prefix
+
+    each, (once_losses, once_grads, meta_prefix) = run(False)[:2], run(True)
+    errors = []
+    for misuse in (lambda: model(tokens[0, :, :-1], labels=tokens[0, :, 1:], meta_prefix=meta_prefix),
+                   lambda: model(tokens[0, :1, :-1], labels=tokens[0, :1, 1:], meta_prefix=model.meta_prefix_once(1))):
+        with pytest.raises((RuntimeError, ValueError)) as info:
+            misuse()
+        errors.append(str(info.value))
+    return (once_losses, once_grads), each, errors
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("in_ffn,in_mixers", [(True, True), (True, False), (False, True)],
+                         ids=["ffn-and-mixers", "ffn", "mixers"])
+def test_the_meta_prefix_once_per_step_gives_each_micro_batchs_results(in_ffn, in_mixers, tp):
+    """The sharing layers' results on the meta rows recorded once (MetaPrefix) and read by three micro-batches:
+    the same losses and accumulated gradients as each micro-batch computing them (the earlier micro-batches'
+    gradients reach the parameters through the prefix in the last one's backward), at TP 1 and 2."""
+    (losses, grads), (ref_losses, ref_grads), errors = run_distributed(
+        _microbatches_with_the_meta_prefix_once, world_size=tp, tensor_model_parallel_size=tp,
+        args=(in_ffn, in_mixers, tp))[0]
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()),
+                                   msg=lambda m, n=name: f"gradient of {n}: {m}")
+    assert "fewer micro-batches" in errors[0] and "no layer shares" in errors[1], errors
+
+
 # --- packed documents -------------------------------------------------------------------------------------------
 
 def _packed_vs_separate():

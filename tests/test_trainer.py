@@ -558,6 +558,24 @@ def test_the_meta_prefix_once_in_the_mixers_changes_no_loss(reference, world, tp
     assert run["flops_per_token"] > reference["flops_per_token"]
 
 
+@pytest.mark.parametrize("world,tp,extra", [
+    (1, 1, []),
+    (2, 2, ["--tensor-model-parallel-size", "2"]),
+    # DDP reduces each bucket as the last micro-batch's backward fills it: the prefix's gradients must be in by
+    # then; 2 micro-batches per rank at global batch 8, compared with the run without the flag
+    (2, 1, ["--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-bucket-size", "2000",
+            "--global-batch-size", "8"]),
+], ids=["one-process", "tp2", "dp2-distopt-overlap"])
+def test_the_meta_prefix_once_per_step_changes_no_loss(reference, world, tp, extra):
+    """--meta-prefix-once-per-step: the sharing layers read the meta rows' results from one pass per optimizer
+    step of 2 micro-batches (layers/shared_prefix.py: MetaPrefix): the same losses, fewer FLOPs counted."""
+    run = _run(["--train-iters", "4", "--meta-prefix-once-per-step", *extra], world=world, tp=tp)[-1]
+    if "--global-batch-size" in extra:
+        reference = _run(["--train-iters", "4", *extra], world=world, tp=tp)[-1]
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
+    assert run["flops_per_token"] < reference["flops_per_token"]
+
+
 def _train_counting_fused_wgrads(argv):
     """The run, and how many weight gradients megatron's linears accumulated through ops/wgrad.py."""
     from megatron_flash.ops import wgrad

@@ -27,6 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
 from megatron_flash.layers.norm import add_and_norm
+from megatron_flash.layers.shared_prefix import MetaPrefix
 
 READS_RESIDUAL = "rows"
 WRITES_RESIDUAL = "cols"
@@ -91,6 +92,13 @@ class MixerInputs:
     # The first ``shared_prefix`` positions hold the same values in every column of the batch (the meta tokens);
     # the FFN, DeltaNet and Mamba2 may compute them once (layers/shared_prefix.py). 0: nothing shared.
     shared_prefix: int = 0
+    # Those layers' results on the meta rows, computed once per optimizer step (shared_prefix.MetaPrefix; recorded
+    # in its own pass over the meta tokens, then read by every micro-batch); None: each micro-batch computes them.
+    meta_prefix: Optional[MetaPrefix] = None
+
+    def shared_rows(self, layer_shares: bool) -> tuple[int, Optional[MetaPrefix]]:
+        """(shared prefix, meta prefix) for a layer that shares the meta rows if ``layer_shares``, else (0, None)."""
+        return (self.shared_prefix, self.meta_prefix) if layer_shares else (0, None)
 
 
 @dataclass

@@ -241,9 +241,9 @@ class Mamba2Mixer(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, inputs: Optional[MixerInputs] = None) -> torch.Tensor:
         # with --share-meta-prefix: the meta prefix once, then every sequence's text from the scan state it leaves
-        prefix = inputs.shared_prefix if inputs is not None and self.config.share_meta_prefix_in_mixers else 0
+        prefix, meta_prefix = inputs.shared_rows(self.config.share_meta_prefix_in_mixers) if inputs else (0, None)
         return run_prefix_once(functools.partial(self._mix, inputs=inputs), hidden_states, prefix,
-                               self.conv_kernel - 1)
+                               self.conv_kernel - 1, meta_prefix, self.layer_number)
 
     def _mix(self, hidden_states, inputs=None, history=0, initial_state=None, output_final_state=False):
         """The mixer over [s, b, h] whose first ``history`` rows are only the short convs' window (no output for

@@ -13,7 +13,7 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.enums import ModelType
 
 from megatron_flash.layers.base import MixerInputs
-from megatron_flash.layers.shared_prefix import shares_meta_rows
+from megatron_flash.layers.shared_prefix import MetaPrefix, shares_meta_rows
 from megatron_flash.models import packing
 from megatron_flash.models.stack import HybridStack
 from megatron_flash.models.output_layer import OutputLayer
@@ -98,11 +98,22 @@ class NemotronFlashModel(LanguageModule):
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
         return hidden
 
+    def meta_prefix_once(self, num_microbatches: int) -> MetaPrefix:
+        """The meta tokens through the stack, once, recording each sharing layer's results for the next
+        ``num_microbatches`` training micro-batches (pass it to :meth:`forward` as ``meta_prefix``)."""
+        if not (self.pre_process and self.post_process):
+            raise ValueError("the meta prefix once per step needs the whole model on one pipeline stage")
+        meta_prefix = MetaPrefix(num_microbatches)
+        inputs = MixerInputs(rotary_pos_emb=self.rotary_pos_emb(self.num_meta_tokens), meta_prefix=meta_prefix)
+        self.decoder(self.meta_tokens.unsqueeze(1), inputs)  # [m, 1, h]: the results stay in meta_prefix
+        return meta_prefix
+
     def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None,
-                document_boundaries: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, document_boundaries: Optional[torch.Tensor] = None,
+                meta_prefix: Optional[MetaPrefix] = None) -> torch.Tensor:
         """``document_boundaries``: cu_seqlens of packed documents in a [1, T] row (see models/packing.py);
-        each document is then computed as if alone, with its own meta tokens."""
+        each document is then computed as if alone, with its own meta tokens. ``meta_prefix``: the sharing layers'
+        results on the meta rows from :meth:`meta_prefix_once`, for a micro-batch whose meta rows they share."""
         packed = None
         if document_boundaries is not None:
             if input_ids.shape[0] != 1:
@@ -113,10 +124,15 @@ class NemotronFlashModel(LanguageModule):
             rope_len = packed.params.max_seqlen_q
         else:
             rope_len = self.num_meta_tokens + input_ids.shape[1]
+        shared = shares_meta_rows(self.config, input_ids.shape[0], packed is not None, self.training)
+        if meta_prefix is not None:
+            if not shared:
+                raise ValueError(f"a meta prefix was given for a micro-batch whose meta rows no layer shares "
+                                 f"({input_ids.shape[0]} row(s), packed: {packed is not None})")
+            meta_prefix.start_microbatch()
         inputs = MixerInputs(attention_mask=attention_mask, rotary_pos_emb=self.rotary_pos_emb(rope_len),
                              packed_seq_params=packed.params if packed is not None else None,
-                             shared_prefix=self.num_meta_tokens if shares_meta_rows(
-                                 self.config, input_ids.shape[0], packed is not None, self.training) else 0)
+                             shared_prefix=self.num_meta_tokens if shared else 0, meta_prefix=meta_prefix)
         hidden = self._embed(input_ids, packed) if self.pre_process else None
         hidden = self.decoder(hidden, inputs)
         if not self.post_process:
