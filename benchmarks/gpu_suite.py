@@ -94,7 +94,8 @@ def section_runtime():
 def section_layers(batch=None, seq=None):
     """Forward+backward time and peak memory of each layer type at 1B shapes (batch 8 x 4096 tokens, bf16, unless
     given: ``layers_b1_s256`` times each layer at the meta prefix's size, what the mixers run once per micro-batch
-    beside the text)."""
+    beside the text). Mamba2 with ``--ssd-backend``'s scan, or with every backend this machine runs when it is
+    auto. Each row is printed as it is measured (a time limit then loses only the rows not yet timed)."""
     from megatron_flash.layers.base import MixerInputs
     from megatron_flash.models import builder
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -107,7 +108,8 @@ def section_layers(batch=None, seq=None):
     rows = []
     for char, name in (("F", "FFN (SwiGLU)"), ("A", "attention (GQA, SDPA)"), ("D", "DeltaNet"),
                        ("M", "Mamba2")):
-        for backend in (mamba2_backends() if char == "M" else [None]):
+        ssd_backends = mamba2_backends() if SSD_BACKEND == "auto" else [SSD_BACKEND]
+        for backend in (ssd_backends if char == "M" else [None]):
             spec = builder.resolve(preset, layer_pattern=char, params_dtype=torch.bfloat16, bf16=True,
                                    **({"ssd_backend": backend} if backend else {}))
             layer = build_module(specs.layer_spec(char), config=spec.config, layer_number=1).to(device())
@@ -127,6 +129,7 @@ def section_layers(batch=None, seq=None):
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
             rows.append({"layer": name, "backend": backend or "default", "fwd_bwd_ms": round(ms, 2),
                          "peak_gib": round(peak, 2), "tokens": batch * seq})
+            print(f"== layers_b{batch}_s{seq} row: {json.dumps(rows[-1])}", flush=True)
     return rows
 
 
@@ -349,7 +352,9 @@ def main():
                         "sections share one machine's clock (each section's memory is freed before the next)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--ssd-backend", default="auto", help="Mamba2 scan of the training sections (as pretrain's flag)")
+    p.add_argument("--ssd-backend", default="auto",
+                   help="Mamba2 scan of the training sections (as pretrain's flag) and of the layers sections (auto: "
+                        "each backend this machine runs)")
     p.add_argument("--train-args", default="",
                    help="more pretrain flags for the training sections, one string, e.g. '--recompute-logits'")
     p.add_argument("--accumulate", type=int, default=1,

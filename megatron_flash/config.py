@@ -35,8 +35,8 @@ class NemotronFlashConfig(TransformerConfig):
     # leaves (layers/shared_prefix.py): exact; off for A/B measurements
     share_meta_prefix_in_mixers: bool = True
     # in training, the layers above take their meta rows' results from one pass per optimizer step instead of
-    # computing them in every micro-batch (layers/shared_prefix.py: MetaPrefix): exact
-    meta_prefix_once_per_step: bool = False
+    # computing them in every micro-batch (layers/shared_prefix.py: MetaPrefix): exact; off for A/B measurements
+    meta_prefix_once_per_step: bool = True
     sliding_window: Optional[int] = None  # for 'S' layers
 
     # DeltaNet (fla's DeltaNet defaults): heads = num_attention_heads

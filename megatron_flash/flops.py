@@ -71,17 +71,26 @@ def mixer_flops_per_row(config, char: str) -> MixerRowFlops:
     raise ValueError(f"layer {char!r} is not a DeltaNet ('D') or Mamba2 ('M') layer")
 
 
+def rows_per_sequence(config, seq_length: int, shared: bool, sequences_per_prefix: int) -> float:
+    """Rows a layer computes per sequence, meta rows included: every one, or where it ``shared`` the meta rows,
+    the text and its share of one computation of them per ``sequences_per_prefix`` sequences."""
+    return seq_length + config.num_meta_tokens / (sequences_per_prefix if shared else 1)
+
+
+def layer_shares_meta_rows(config, layer_flag: bool, micro_batch: int, packed: bool) -> bool:
+    """Whether a layer whose config flag is ``layer_flag`` computes the meta rows once in these micro-batches."""
+    return layer_flag and meta_rows_shareable(config, micro_batch, packed, training=True)
+
+
 def mixer_rows(config, char: str, seq_length: int, micro_batch: int = 1, packed: bool = False,
                prefix_microbatches: int = 1):
     """(rows projected, rows output) per sequence of a DeltaNet or Mamba2 layer, meta rows included: with the
     prefix once per micro-batch (or per ``prefix_microbatches`` of them), its share of the meta rows, and the
     kernel - 1 window rows projected again."""
-    total_len = seq_length + config.num_meta_tokens
-    if not (config.share_meta_prefix_in_mixers and meta_rows_shareable(config, micro_batch, packed, training=True)):
-        return total_len, total_len
+    shared = layer_shares_meta_rows(config, config.share_meta_prefix_in_mixers, micro_batch, packed)
+    output = rows_per_sequence(config, seq_length, shared, micro_batch * prefix_microbatches)
     kernel = config.deltanet_conv_kernel if char == "D" else config.mamba_conv_kernel
-    shared_len = seq_length + config.num_meta_tokens / (micro_batch * prefix_microbatches)
-    return shared_len + kernel - 1, shared_len
+    return output + (kernel - 1 if shared else 0), output
 
 
 def layer_flops_per_token(config, seq_length: int, micro_batch: int = 1, packed: bool = False,
@@ -89,9 +98,9 @@ def layer_flops_per_token(config, seq_length: int, micro_batch: int = 1, packed:
     """The decoder layers', per text token (meta positions are computed too, but only text tokens are counted)."""
     h = config.hidden_size
     total_len = seq_length + config.num_meta_tokens
-    shareable = meta_rows_shareable(config, micro_batch, packed, training=True)
-    shared_len = seq_length + config.num_meta_tokens / (micro_batch * prefix_microbatches)
-    ffn_len = shared_len if shareable and config.share_meta_rows else total_len
+    ffn_len = rows_per_sequence(config, seq_length,
+                                layer_shares_meta_rows(config, config.share_meta_rows, micro_batch, packed),
+                                micro_batch * prefix_microbatches)
 
     flops = 0.0
     for char in config.layer_pattern:

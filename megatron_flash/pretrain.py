@@ -148,8 +148,10 @@ def run_batches(args, ddp, dataset, first_sample: int, forward_only: bool,
     """Forward (and backward) over one global batch; returns the batch's mean loss and whether any rank asked to
     exit (``exit_requested`` is this rank's say), both the same on every rank."""
     eod = dataset.config.tokenizer.eod if args.reset_attention_mask else None
-    meta_prefix = (ddp.module.meta_prefix_once(args.num_microbatches)
-                   if not forward_only and meta_prefix_once_per_step(ddp.module.config, args) else None)
+    meta_prefix = None
+    if not forward_only and meta_prefix_once_per_step(ddp.module.config, args):
+        meta_prefix = shared_prefix.MetaPrefix(args.num_microbatches)
+        ddp(None, meta_prefix=meta_prefix)  # records it: the meta tokens through the stack, once for the step
     results = get_forward_backward_func()(
         forward_step_func=partial(forward_step, eod, meta_prefix), model=[ddp],
         data_iterator=microbatches(dataset, first_sample, args.micro_batch_size, args.num_microbatches),

@@ -111,7 +111,9 @@ def test_a_section_run_again_is_recorded_beside_the_first(tmp_path):
 
 
 def test_smoke_layers_section_at_another_batch_and_length(tmp_path):
-    """``layers_b1_s5``: every layer type timed at batch 1 and 5 tokens (the meta prefix's shape, scaled down)."""
+    """``layers_b1_s5``: every layer type timed at batch 1 and 5 tokens (the meta prefix's shape, scaled down),
+    Mamba2 with --ssd-backend's scan alone."""
     (rows,) = _sections(tmp_path, ["layers_b1_s5"])
-    assert {r["layer"].split()[0] for r in rows} == {"FFN", "attention", "DeltaNet", "Mamba2"}
+    assert [r["layer"].split()[0] for r in rows] == ["FFN", "attention", "DeltaNet", "Mamba2"]
+    assert rows[-1]["backend"] == "torch"
     assert all(r["tokens"] == 5 and r["fwd_bwd_ms"] > 0 for r in rows)

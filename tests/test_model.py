@@ -248,6 +248,7 @@ def _microbatches_with_the_meta_prefix_once(in_ffn, in_mixers, tp):
     """Per-token losses and accumulated parameter gradients of three micro-batches of 2 rows, run forward then
     backward one after another as megatron's schedule does: each computing its meta rows, then all three reading
     one MetaPrefix; and the errors that misuse of a MetaPrefix raises."""
+    from megatron_flash.layers.shared_prefix import MetaPrefix
     from megatron_flash.models import builder
 
     spec = builder.resolve("tiny", layer_pattern="DFMFAF", use_cpu_initialization=True, share_meta_rows=in_ffn,
@@ -257,7 +258,9 @@ def _microbatches_with_the_meta_prefix_once(in_ffn, in_mixers, tp):
 
     def run(once):
         model.zero_grad(set_to_none=True)
-        meta_prefix = model.meta_prefix_once(len(tokens)) if once else None
+        meta_prefix = MetaPrefix(len(tokens)) if once else None
+        if once:
+            model(None, meta_prefix=meta_prefix)  # records it
         losses = []
         for batch in tokens:
             loss = model(batch[:, :-1], labels=batch[:, 1:], meta_prefix=meta_prefix)
@@ -266,9 +269,11 @@ def _microbatches_with_the_meta_prefix_once(in_ffn, in_mixers, tp):
         return torch.cat(losses), {n: p.grad.clone() for n, p in model.named_parameters()}, meta_prefix
 
     each, (once_losses, once_grads, meta_prefix) = run(False)[:2], run(True)
-    errors = []
+    errors, one = [], MetaPrefix(1)
+    model(None, meta_prefix=one)
     for misuse in (lambda: model(tokens[0, :, :-1], labels=tokens[0, :, 1:], meta_prefix=meta_prefix),
-                   lambda: model(tokens[0, :1, :-1], labels=tokens[0, :1, 1:], meta_prefix=model.meta_prefix_once(1))):
+                   lambda: model(tokens[0, :1, :-1], labels=tokens[0, :1, 1:], meta_prefix=one),
+                   lambda: model(None, meta_prefix=meta_prefix)):
         with pytest.raises((RuntimeError, ValueError)) as info:
             misuse()
         errors.append(str(info.value))
@@ -290,7 +295,8 @@ def test_the_meta_prefix_once_per_step_gives_each_micro_batchs_results(in_ffn, i
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()),
                                    msg=lambda m, n=name: f"gradient of {n}: {m}")
-    assert "fewer micro-batches" in errors[0] and "no layer shares" in errors[1], errors
+    assert ("fewer micro-batches" in errors[0] and "no layer shares" in errors[1]
+            and "recorded once" in errors[2]), errors
 
 
 # --- packed documents -------------------------------------------------------------------------------------------

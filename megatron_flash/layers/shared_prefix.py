@@ -81,8 +81,8 @@ class _WithEarlierGradients(torch.autograd.Function):
 
 
 class MetaPrefix:
-    """The meta prefix's results in each sharing layer, computed once per optimizer step (by
-    ``NemotronFlashModel.meta_prefix_once``) for the step's ``num_microbatches`` micro-batches.
+    """The meta prefix's results in each sharing layer, computed once per optimizer step (recorded by
+    ``model(None, meta_prefix=MetaPrefix(n))``, NemotronFlashModel) for the step's ``num_microbatches`` micro-batches.
 
     :meth:`record` keeps each result twice: as computed (with its autograd graph) and as a detached leaf. The
     micro-batches before the last read the leaves, so their backward passes accumulate the results' gradients in

@@ -98,22 +98,31 @@ class NemotronFlashModel(LanguageModule):
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
         return hidden
 
-    def meta_prefix_once(self, num_microbatches: int) -> MetaPrefix:
-        """The meta tokens through the stack, once, recording each sharing layer's results for the next
-        ``num_microbatches`` training micro-batches (pass it to :meth:`forward` as ``meta_prefix``)."""
+    def _record_meta_prefix(self, meta_prefix: MetaPrefix) -> None:
+        """The meta tokens through the stack, once, each sharing layer recording its results in ``meta_prefix``."""
         if not (self.pre_process and self.post_process):
             raise ValueError("the meta prefix once per step needs the whole model on one pipeline stage")
-        meta_prefix = MetaPrefix(num_microbatches)
+        if not meta_prefix.recording:
+            raise ValueError("a meta prefix is recorded once, before its micro-batches: pass a new MetaPrefix")
         inputs = MixerInputs(rotary_pos_emb=self.rotary_pos_emb(self.num_meta_tokens), meta_prefix=meta_prefix)
         self.decoder(self.meta_tokens.unsqueeze(1), inputs)  # [m, 1, h]: the results stay in meta_prefix
-        return meta_prefix
 
-    def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, document_boundaries: Optional[torch.Tensor] = None,
-                meta_prefix: Optional[MetaPrefix] = None) -> torch.Tensor:
+    def forward(self, input_ids: Optional[torch.Tensor], position_ids=None,
+                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                document_boundaries: Optional[torch.Tensor] = None,
+                meta_prefix: Optional[MetaPrefix] = None) -> Optional[torch.Tensor]:
         """``document_boundaries``: cu_seqlens of packed documents in a [1, T] row (see models/packing.py);
         each document is then computed as if alone, with its own meta tokens. ``meta_prefix``: the sharing layers'
-        results on the meta rows from :meth:`meta_prefix_once`, for a micro-batch whose meta rows they share."""
+        results on the meta rows (layers/shared_prefix.py), for a micro-batch whose meta rows they share.
+
+        ``input_ids`` None with a new ``meta_prefix`` records it: the meta tokens run through the stack once, for
+        the micro-batches after (``model(None, meta_prefix=MetaPrefix(n))``, then ``model(ids, ...,
+        meta_prefix=...)`` n times). A call of the model, so that hooks on it run as for any forward (megatron DDP
+        waits there for the overlapped gather of the meta tokens' updated values)."""
+        if input_ids is None:
+            if meta_prefix is None:
+                raise ValueError("input_ids is None: the model records a meta prefix then, and none was given")
+            return self._record_meta_prefix(meta_prefix)
         packed = None
         if document_boundaries is not None:
             if input_ids.shape[0] != 1:

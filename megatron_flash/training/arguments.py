@@ -59,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DeltaNet and Mamba2 run the meta tokens for every sequence, instead of once per micro-batch "
                         "with each sequence's text from the states they leave (layers/shared_prefix.py); the result "
                         "is the same. Sequence parallelism, packed documents and dropout always run them per sequence")
-    g.add_argument("--meta-prefix-once-per-step", action="store_true",
-                   help="the layers that share the meta rows take their results on them from one pass per optimizer "
-                        "step instead of computing them in every micro-batch (layers/shared_prefix.py: "
-                        "MetaPrefix); the result is the same. Only without pipeline parallelism and layer "
-                        "recomputation, where a micro-batch shares its meta rows")
+    g.add_argument("--no-meta-prefix-once-per-step", dest="meta_prefix_once_per_step", action="store_false",
+                   help="the layers that share the meta rows compute their results on them in every micro-batch, "
+                        "instead of taking them from one pass per optimizer step (layers/shared_prefix.py: "
+                        "MetaPrefix; it applies without pipeline parallelism and layer recomputation, where a "
+                        "micro-batch shares its meta rows); the result is the same")
     g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false",
                    help="weight gradients as bf16 tensors that megatron's DDP then adds into the fp32 main gradients, "
                         "instead of accumulated into them by the weight-gradient matmul itself (ops/wgrad.py)")
