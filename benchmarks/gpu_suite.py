@@ -106,9 +106,9 @@ def section_layers(batch=None, seq=None):
     batch, seq = batch or default_batch, seq or default_seq
     preset = "tiny" if SMOKE else "nemotron_flash_1b"
     rows = []
+    ssd_backends = mamba2_backends() if SSD_BACKEND == "auto" else [SSD_BACKEND]
     for char, name in (("F", "FFN (SwiGLU)"), ("A", "attention (GQA, SDPA)"), ("D", "DeltaNet"),
                        ("M", "Mamba2")):
-        ssd_backends = mamba2_backends() if SSD_BACKEND == "auto" else [SSD_BACKEND]
         for backend in (ssd_backends if char == "M" else [None]):
             spec = builder.resolve(preset, layer_pattern=char, params_dtype=torch.bfloat16, bf16=True,
                                    **({"ssd_backend": backend} if backend else {}))

@@ -120,7 +120,8 @@ class DeltaNetMixer(MegatronModule):
         conv_init_(weight, self.conv_kernel)
 
     def forward(self, hidden_states: torch.Tensor, inputs: Optional[MixerInputs] = None) -> torch.Tensor:
-        # with --share-meta-prefix: the meta prefix once, then every sequence's text from the state it leaves
+        # (unless --no-share-meta-prefix) the meta prefix once per micro-batch, or its state recorded once per
+        # step (MetaPrefix), then every sequence's text from that state
         prefix, meta_prefix = inputs.shared_rows(self.config.share_meta_prefix_in_mixers) if inputs else (0, None)
         return run_prefix_once(functools.partial(self._mix, inputs=inputs), hidden_states, prefix,
                                self.conv_kernel - 1, meta_prefix, self.layer_number)

@@ -240,7 +240,8 @@ class Mamba2Mixer(MegatronModule):
     # ----------------------------------------------------------------------------------------------------------
 
     def forward(self, hidden_states: torch.Tensor, inputs: Optional[MixerInputs] = None) -> torch.Tensor:
-        # with --share-meta-prefix: the meta prefix once, then every sequence's text from the scan state it leaves
+        # (unless --no-share-meta-prefix) the meta prefix once per micro-batch, or its scan state recorded once per
+        # step (MetaPrefix), then every sequence's text from that scan state
         prefix, meta_prefix = inputs.shared_rows(self.config.share_meta_prefix_in_mixers) if inputs else (0, None)
         return run_prefix_once(functools.partial(self._mix, inputs=inputs), hidden_states, prefix,
                                self.conv_kernel - 1, meta_prefix, self.layer_number)
