@@ -176,6 +176,9 @@ def train(args, step_callback=None) -> dict:
     ``step_callback(iteration, model, optimizer)``, if given, runs after every iteration (tests check invariants
     there).
     """
+    # --seed decides the initial weights whatever ran before in this process (as Megatron-LM's pretrain seeds in
+    # its own initialization): a benchmark's second run, or a notebook's, starts like the first
+    runtime.seed_everything(args.seed)
     _, train_data, valid_data = build_data(args, args.seed)
     vocab = train_data.config.tokenizer.vocab_size
     spec, model, ddp, optimizer, scheduler, normalizer = build_model_and_optimizer(args, vocab)

@@ -62,6 +62,27 @@ def test_loss_goes_down_on_mock_data():
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
 
 
+def _train_twice_then_another_seed(argv):
+    """Three runs in one process, random numbers drawn between them: --seed 5, --seed 5 again, --seed 6."""
+    first = _train(argv)["losses"]
+    torch.rand(1000)
+    again = _train(argv)["losses"]
+    other = _train(argv + ["--seed", "6"])["losses"]
+    return first, again, other
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="on the CPU initialization never reads the process's RNG (config.init_rng: streams of --seed)")
+def test_the_seed_decides_a_run_whatever_ran_before_in_the_process():
+    """pretrain.train seeds from --seed itself: a second run in one process (gpu_suite's rounds) repeats the first.
+    On a GPU megatron initializes under its CUDA RNG tracker, which a run leaves advanced."""
+    torch_paths = ["--ssd-backend", "torch", "--delta-rule-backend", "torch", "--short-conv-backend", "torch"]
+    (first, again, other), = run_distributed(_train_twice_then_another_seed, world_size=1,
+                                             args=(BASE + ["--train-iters", "2", *torch_paths],))
+    torch.testing.assert_close(torch.tensor(again), torch.tensor(first), rtol=1e-6, atol=0)
+    assert other != first
+
+
 def _progress_output(log_interval):
     import contextlib
     import io
