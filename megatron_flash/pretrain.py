@@ -143,6 +143,15 @@ def meta_prefix_once_per_step(config, args) -> bool:
                                                    args.pipeline_model_parallel_size)
 
 
+def meta_prefix_schedule(config, args) -> str:
+    """How often a training step computes the meta tokens' prefix in the layers that share it, for the log."""
+    if meta_prefix_once_per_step(config, args):
+        return "once per step"
+    if shared_prefix.shares_meta_rows(config, args.micro_batch_size, args.reset_attention_mask, training=True):
+        return "once per micro-batch"
+    return "per sequence" if config.num_meta_tokens else "none"
+
+
 def run_batches(args, ddp, dataset, first_sample: int, forward_only: bool,
                 exit_requested: bool = False) -> tuple[float, bool]:
     """Forward (and backward) over one global batch; returns the batch's mean loss and whether any rank asked to
@@ -186,7 +195,7 @@ def train(args, step_callback=None) -> dict:
         f"{sum(p.numel() for p in model.parameters()):,} parameters on rank {dist.get_rank()} | "
         f"TP {args.tensor_model_parallel_size} PP {args.pipeline_model_parallel_size} "
         f"DP {args.data_parallel_size} | weight norm {'on' if normalizer else 'off'} | "
-        f"{len(ddp.bucket_groups)} gradient bucket(s)")
+        f"{len(ddp.bucket_groups)} gradient bucket(s) | meta prefix {meta_prefix_schedule(spec.config, args)}")
 
     iteration, consumed = 0, 0
     if args.load:

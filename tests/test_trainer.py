@@ -600,6 +600,27 @@ def test_the_meta_prefix_once_per_step_changes_no_loss(reference, world, tp, ext
     assert run["flops_per_token"] > reference["flops_per_token"]
 
 
+def _model_log_line(argv):
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        _train(argv)
+    return next(line for line in out.getvalue().splitlines() if line.startswith("model:"))
+
+
+@pytest.mark.parametrize("extra, schedule", [
+    ([], "once per step"),
+    (["--no-meta-prefix-once-per-step"], "once per micro-batch"),
+    (["--micro-batch-size", "1"], "per sequence"),
+    (["--num-meta-tokens", "0"], "none"),
+])
+def test_the_start_up_log_says_how_often_the_meta_prefix_is_computed(extra, schedule):
+    line, = run_distributed(_model_log_line, world_size=1, args=(BASE + ["--train-iters", "2", *extra],))
+    assert line.endswith(f"| meta prefix {schedule}"), line
+
+
 def _train_counting_fused_wgrads(argv):
     """The run, and how many weight gradients megatron's linears accumulated through ops/wgrad.py."""
     from megatron_flash.ops import wgrad
