@@ -494,7 +494,6 @@ FLAG_NOTES = {
     "--eval-iters": "validation batches per evaluation (0: no validation)",
     "--tensorboard-dir": "TensorBoard event folder (written by the last rank)",
     "--log-interval": "iterations per console log line (and throughput / MFU figures)",
-    "--seed": "random seed: initialization, data order, dropout",
 }
 _METAVARS = {int: "N", float: "X"}
 

@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--seed", type=int, default=1234,
-                   help="initial weights and data order; every run starts from it, even a later one in the same process")
+                   help="random seed: initial weights, data order, dropout; every run starts from it, even a later one "
+                        "in the same process")
     g.add_argument("--exit-interval", type=int, help="save and exit after this iteration (testing resume)")
     g.add_argument("--profile", action="store_true",
                    help="torch profiler over iterations [--profile-step-start, --profile-step-end)")
